@@ -1,0 +1,319 @@
+"""Typed run configuration: dataclass defaults (the SPEC §3 recipe), YAML presets, CLI overrides.
+
+Everything is resolved and validated before any data is touched or any model is built, so a typo
+in ``--set train.epoch=3`` costs a second, not a generated dataset and a crashed first epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = ("style", "genre", "artist", "combined")
+HEADS_OF_TASK = {"style": ("style",), "genre": ("genre",), "artist": ("artist",),
+                 "combined": ("style", "genre", "artist")}
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message is one line naming the key and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    """Where paintings come from and which labels are learned."""
+
+    source: str = "huggan/wikiart"
+    """'demo', a Hub dataset id, or a local folder written by ``save_to_disk``."""
+    revision: str | None = None
+    task: str = "style"
+    image_size: int = 384
+    """Training crop side; evaluation resizes the short side to 416/384 of it, then centre-crops."""
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    min_artist_count: int = 1
+    num_workers: int = 4
+    demo_dir: str = "data/demo"
+    demo_size: int = 1600
+    demo_image_side: int = 96
+    demo_styles: int = 8
+    demo_noise: float = 0.03
+    demo_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    backbone_weights: str | None = "imagenet"
+    """'imagenet' (torchvision IMAGENET1K_V2), a local ResNet-50 file, or null (random init)."""
+    proj_channels: int = 320
+    gru_hidden: int = 256
+    gru_layers: int = 2
+    gru_dropout: float = 0.2
+    dropout: float = 0.4
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale: list[float] = field(default_factory=lambda: [0.7, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.85, 1.15])
+    hflip: float = 0.5
+    color_jitter: list[float] = field(default_factory=lambda: [0.12, 0.12, 0.10, 0.03])
+    erase_prob: float = 0.2
+    erase_scale: list[float] = field(default_factory=lambda: [0.02, 0.12])
+    erase_ratio: list[float] = field(default_factory=lambda: [0.3, 3.3])
+    mixup_prob: float = 0.35
+    cutmix_prob: float = 0.35
+    mixup_alpha: float = 0.3
+    cutmix_alpha: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    max_steps: int | None = None
+    """Stop cleanly after this many optimizer steps; the LR schedule still spans all epochs."""
+    batch_size: int = 64
+    """Global batch: split evenly over processes."""
+    eval_batch_size: int = 64
+    seed: int = 0
+    lr: float = 8e-4
+    """Learning rate of the new modules (projection, GRUs, attention, heads)."""
+    backbone_lr: float = 1.5e-4
+    weight_decay: float = 1e-4
+    min_lr: float = 1e-6
+    label_smoothing: float = 0.03
+    grad_clip: float = 1.0
+    freeze_stem: bool = True
+    unfreeze_epoch: int | None = None
+    """1-based epoch from which the stem trains too; null keeps it frozen for the whole run."""
+    balanced_sampling: bool = True
+    mixed_precision: str = "auto"
+    log_every: int = 10
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return HEADS_OF_TASK[self.data.task]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- presets and overrides -----------------------------------------------------------------------
+
+def available_presets() -> list[str]:
+    folder = resources.files("crnn_art") / "presets"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of sections (data, model, augment, train)")
+    return data
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    names = available_presets()
+    if name not in names:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(names)}")
+    text = (resources.files("crnn_art") / "presets" / f"{name}.yaml").read_text()
+    return _read_yaml(text, f"preset {name!r}")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``'train.epochs=3'`` -> ``('train.epochs', 3)``; the value is read as YAML (``null``, lists)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r} must look like section.key=value, e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _merge(target: dict[str, Any], updates: dict[str, Any], where: str) -> None:
+    for section, values in updates.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: {section!r} must be a section mapping (data, model, augment, train)")
+        target.setdefault(section, {}).update(values)
+
+
+def resolve_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> RunConfig:
+    """Defaults <- preset <- config file <- ``--set`` overrides, then type-check and validate."""
+    raw: dict[str, Any] = {}
+    if preset:
+        _merge(raw, load_preset(preset), f"preset {preset!r}")
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        _merge(raw, _read_yaml(path.read_text(), str(path)), str(path))
+    for item in overrides:
+        key, value = parse_override(item)
+        section, dot, name = key.partition(".")
+        if not dot:
+            raise ConfigError(f"--set {item!r}: keys are section.name, e.g. train.epochs")
+        raw.setdefault(section, {})[name] = value
+    return build_config(raw)
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    hints = typing.get_type_hints(RunConfig)
+    built: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(_unknown(section, list(sections), "config section"))
+        built[section] = _build_section(hints[section], section, values or {})
+    config = RunConfig(**built)
+    validate(config)
+    return config
+
+
+def _unknown(name: str, allowed: list[str], what: str) -> str:
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {what} {name!r}{hint}; allowed: {', '.join(allowed)}"
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in values.items():
+        if name not in hints:
+            raise ConfigError(_unknown(f"{section}.{name}", [f"{section}.{n}" for n in names], "config key"))
+        kwargs[name] = _coerce(value, hints[name], f"{section}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list like [0.7, 1.0], got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range and choice checks that types alone cannot express."""
+    d, m, a, t = cfg.data, cfg.model, cfg.augment, cfg.train
+
+    def need(ok: bool, key: str, allowed: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{key} = {value!r} is not allowed; {allowed}")
+
+    need(d.task in TASKS, "data.task", f"choose one of {', '.join(TASKS)}", d.task)
+    need(bool(d.source), "data.source", "give 'demo', a Hub dataset id or a local folder", d.source)
+    need(d.image_size >= 32, "data.image_size", "use at least 32 (ResNet-50 downsamples 32x)", d.image_size)
+    for key in ("val_fraction", "test_fraction"):
+        value = getattr(d, key)
+        need(0.0 <= value < 1.0, f"data.{key}", "use a fraction in [0, 1)", value)
+    need(d.val_fraction > 0, "data.val_fraction", "validation needs a fraction > 0", d.val_fraction)
+    need(d.val_fraction + d.test_fraction < 1.0, "data.val_fraction + data.test_fraction",
+         "leave some data for training (sum < 1)", d.val_fraction + d.test_fraction)
+    need(d.min_artist_count >= 1, "data.min_artist_count", "use an integer >= 1", d.min_artist_count)
+    need(d.num_workers >= 0, "data.num_workers", "use 0 (load in the main process) or more", d.num_workers)
+    need(d.demo_size >= 40, "data.demo_size", "generate at least 40 rows", d.demo_size)
+    need(d.demo_image_side >= 32, "data.demo_image_side", "use at least 32 pixels", d.demo_image_side)
+    need(2 <= d.demo_styles <= 27, "data.demo_styles", "use 2 to 27 styles", d.demo_styles)
+    need(0.0 <= d.demo_noise < 0.5, "data.demo_noise", "use a share of wrong labels in [0, 0.5)", d.demo_noise)
+
+    bw = m.backbone_weights
+    need(bw is None or bw == "imagenet" or bw.endswith((".pth", ".pt", ".bin", ".safetensors")),
+         "model.backbone_weights", "use 'imagenet', a .pth/.pt/.bin/.safetensors file, or null", bw)
+    for key in ("proj_channels", "gru_hidden", "gru_layers"):
+        need(getattr(m, key) >= 1, f"model.{key}", "use a positive integer", getattr(m, key))
+    for key in ("gru_dropout", "dropout"):
+        need(0.0 <= getattr(m, key) < 1.0, f"model.{key}", "use a probability in [0, 1)", getattr(m, key))
+
+    for key in ("crop_scale", "crop_ratio", "erase_scale", "erase_ratio"):
+        lo_hi = getattr(a, key)
+        need(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], f"augment.{key}",
+             "use [low, high] with 0 < low <= high", lo_hi)
+    need(a.crop_scale[1] <= 1.0, "augment.crop_scale", "the high end is at most 1.0", a.crop_scale)
+    need(len(a.color_jitter) == 4 and all(v >= 0 for v in a.color_jitter) and a.color_jitter[3] <= 0.5,
+         "augment.color_jitter", "use [brightness, contrast, saturation, hue] >= 0, hue <= 0.5", a.color_jitter)
+    for key in ("hflip", "erase_prob", "mixup_prob", "cutmix_prob"):
+        need(0.0 <= getattr(a, key) <= 1.0, f"augment.{key}", "use a probability in [0, 1]", getattr(a, key))
+    need(a.mixup_prob + a.cutmix_prob <= 1.0, "augment.mixup_prob + augment.cutmix_prob",
+         "the two probabilities must sum to at most 1", a.mixup_prob + a.cutmix_prob)
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        need(getattr(a, key) > 0, f"augment.{key}", "use a positive Beta parameter", getattr(a, key))
+
+    need(t.epochs >= 1, "train.epochs", "use an integer >= 1", t.epochs)
+    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "use null or an integer >= 1", t.max_steps)
+    need(t.batch_size >= 2 and t.batch_size % 2 == 0, "train.batch_size",
+         "use an even number >= 2 (MixUp/CutMix pair samples)", t.batch_size)
+    need(t.eval_batch_size >= 1, "train.eval_batch_size", "use an integer >= 1", t.eval_batch_size)
+    for key in ("lr", "backbone_lr"):
+        need(getattr(t, key) > 0, f"train.{key}", "use a positive learning rate", getattr(t, key))
+    need(0 <= t.min_lr <= min(t.lr, t.backbone_lr), "train.min_lr", "use 0 <= min_lr <= both learning rates",
+         t.min_lr)
+    need(t.weight_decay >= 0, "train.weight_decay", "use a value >= 0", t.weight_decay)
+    need(0 <= t.label_smoothing < 1, "train.label_smoothing", "use a value in [0, 1)", t.label_smoothing)
+    need(t.grad_clip >= 0, "train.grad_clip", "use 0 (off) or a positive norm", t.grad_clip)
+    need(t.unfreeze_epoch is None or t.unfreeze_epoch >= 1, "train.unfreeze_epoch",
+         "use null or a 1-based epoch number", t.unfreeze_epoch)
+    need(t.mixed_precision in PRECISIONS, "train.mixed_precision", f"choose one of {', '.join(PRECISIONS)}",
+         t.mixed_precision)
+    need(t.log_every >= 1, "train.log_every", "use an integer >= 1", t.log_every)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read a run's ``config.yaml`` back (for evaluation and resume)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; is this a crnn-art run folder?")
+    return build_config(_read_yaml(path.read_text(), str(path)))

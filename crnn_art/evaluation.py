@@ -1,0 +1,165 @@
+"""Evaluation over a whole split, across all processes, each sample counted once (SPEC §4).
+
+Per-sample logits, labels and row ids are gathered with ``gather_for_metrics`` (which drops the
+padding Accelerate adds to the last batch so that every process has as many batches), never
+per-process means; metrics are then computed on the full arrays, identically on every process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+
+METRIC_KEYS = ("loss", "top1", "top5", "macro_f1", "weighted_f1")
+
+
+class Predictions(dict):
+    """``logits`` (task -> (N, C) float), ``labels`` (N, heads) int64, ``rows`` (N,) int64, on CPU."""
+
+
+@torch.no_grad()
+def predict(model, loader, accelerator, heads: tuple[str, ...], progress=None) -> Predictions:
+    model.eval()
+    logits: dict[str, list[torch.Tensor]] = {h: [] for h in heads}
+    labels, rows = [], []
+    task = progress.add_task("evaluate", total=len(loader), status="") if progress is not None else None
+    for batch in loader:
+        with accelerator.autocast():
+            out = model(batch["image"])
+        gathered = accelerator.gather_for_metrics(
+            ({h: out.logits[h].float() for h in heads}, batch["labels"], batch["row"])
+        )
+        for h in heads:
+            logits[h].append(gathered[0][h].cpu())
+        labels.append(gathered[1].cpu())
+        rows.append(gathered[2].cpu())
+        if task is not None:
+            progress.advance(task)
+    if task is not None:
+        progress.remove_task(task)
+    all_rows = torch.cat(rows)
+    if len(torch.unique(all_rows)) != len(all_rows):
+        raise RuntimeError(
+            f"evaluation gathered {len(all_rows)} predictions for {len(torch.unique(all_rows))} distinct rows: "
+            "a sample was counted twice (is the loader an IterableDataset without a length?)"
+        )
+    return Predictions(
+        logits={h: torch.cat(v) for h, v in logits.items()},
+        labels=torch.cat(labels),
+        rows=all_rows,
+    )
+
+
+def head_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float] | None:
+    """Loss, top-1/top-5 (%), macro/weighted F1 (%) over samples with a known label; None if none."""
+    mask = labels >= 0
+    if not bool(mask.any()):
+        return None
+    logits, labels = logits[mask].float(), labels[mask]
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    pred = topk[:, 0]
+    y, p = labels.numpy(), pred.numpy()
+    return {
+        "loss": float(F.cross_entropy(logits, labels)),
+        "top1": 100.0 * float((pred == labels).float().mean()),
+        "top5": 100.0 * float((topk == labels[:, None]).any(dim=1).float().mean()),
+        "macro_f1": 100.0 * float(f1_score(y, p, average="macro", zero_division=0)),
+        "weighted_f1": 100.0 * float(f1_score(y, p, average="weighted", zero_division=0)),
+        "num_samples": int(mask.sum()),
+    }
+
+
+def compute_metrics(pred: Predictions, heads: tuple[str, ...]) -> dict[str, Any]:
+    """One head: its metrics at the top level. Several: the mean of heads at the top level, each head
+    under ``heads``, and ``joint_exact_match`` (% of samples with all labels known and all right)."""
+    per_head = {}
+    for i, h in enumerate(heads):
+        m = head_metrics(pred["logits"][h], pred["labels"][:, i])
+        if m is not None:
+            per_head[h] = m
+    result: dict[str, Any] = {"num_samples": int(len(pred["rows"]))}
+    if len(heads) == 1:
+        result.update(per_head.get(heads[0], {}))
+        result["num_samples"] = int(len(pred["rows"]))
+        return result
+    for key in METRIC_KEYS:
+        result[key] = float(np.mean([m[key] for m in per_head.values()]))
+    result["heads"] = per_head
+    all_known = (pred["labels"] >= 0).all(dim=1)
+    correct = torch.stack(
+        [pred["logits"][h].argmax(dim=1) == pred["labels"][:, i] for i, h in enumerate(heads)], dim=1
+    ).all(dim=1)
+    n_joint = int(all_known.sum())
+    result["joint_exact_match"] = 100.0 * float(correct[all_known].float().mean()) if n_joint else 0.0
+    result["joint_samples"] = n_joint
+    return result
+
+
+def selection_score(metrics: dict[str, Any], heads: tuple[str, ...]) -> float:
+    """Model selection (SPEC §3): top-1, or joint exact match for the combined task."""
+    return float(metrics["joint_exact_match"] if len(heads) > 1 else metrics["top1"])
+
+
+def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | None = None,
+                        batch_size: int | None = None) -> dict[str, Any]:
+    """Evaluate a run's model on one split of the run's own data, across all launched processes.
+
+    ``checkpoint`` is a run folder (its ``best/`` is used) or a ``best/``/``last/`` folder inside
+    one; the run's ``config.yaml`` and ``split.json`` say which data and rows to use.
+    """
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from crnn_art.checkpoints import load_model_folder
+    from crnn_art.config import load_run_config
+    from crnn_art.loaders import PaintingDataset, eval_loader
+    from crnn_art.model import ModelLoadError
+    from crnn_art.runtime import make_accelerator
+    from crnn_art.sources import SPLITS, DataError, open_source, read_splits, task_labels
+    from crnn_art.training import make_progress, metrics_table
+    from crnn_art.transforms import eval_resize, eval_transform
+
+    if split not in SPLITS:
+        raise DataError(f"--split {split!r} is not a split; choose one of {', '.join(SPLITS)}")
+    folder = Path(checkpoint)
+    run_dir = folder if (folder / "config.yaml").is_file() else folder.parent
+    cfg = load_run_config(run_dir / "config.yaml")
+    rows = read_splits(run_dir / "split.json")[split]
+    if len(rows) == 0:
+        raise DataError(f"the run's {split} split is empty (data.{split[:4]}_fraction was 0); pick another split")
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    console = Console(quiet=not accelerator.is_main_process, highlight=False)
+    model = load_model_folder(folder)
+    with accelerator.main_process_first():
+        source = open_source(cfg.data)
+    labels = task_labels(source, cfg.heads, cfg.data)
+    if labels.class_names != model.class_names:
+        raise ModelLoadError(
+            f"{folder}'s class names differ from those of its data ({cfg.data.source}); "
+            "was the source changed since training?"
+        )
+    size = model.image_size
+    dataset = PaintingDataset(source, rows, labels.labels, eval_transform(size), eval_resize(size))
+    loader = accelerator.prepare(eval_loader(dataset, batch_size or cfg.train.eval_batch_size, cfg.data.num_workers))
+    model = accelerator.prepare(model)
+    with make_progress(console, accelerator.is_main_process) as progress:
+        pred = predict(model, loader, accelerator, cfg.heads, progress)
+    metrics = compute_metrics(pred, cfg.heads)
+    metrics["split"] = split
+    if accelerator.is_main_process:
+        out = Path(output_dir) if output_dir else run_dir / f"eval_{split}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        table = metrics_table(metrics, cfg.heads)
+        table.title = f"{split} metrics of {folder} (%; loss is cross-entropy)"
+        console.print(table)
+        console.print(f"written {out / 'metrics.json'}")
+    accelerator.end_training()
+    return metrics

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny demo dataset and a way to run the real CLI (optionally under accelerate launch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_2PROC = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
+
+
+def tiny_overrides(demo_dir: Path, **extra: object) -> list[str]:
+    """A run small enough for a test: 32 px crops of 48 px paintings, no mixing, batch 8."""
+    values = {
+        "data.source": "demo", "data.demo_dir": str(demo_dir), "data.demo_size": 200,
+        "data.demo_image_side": 48, "data.demo_styles": 4, "data.image_size": 32, "data.num_workers": 0,
+        "model.backbone_weights": "null", "augment.mixup_prob": 0.0, "augment.cutmix_prob": 0.0,
+        "train.epochs": 2, "train.batch_size": 8, "train.eval_batch_size": 16, "train.log_every": 1,
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"--set={k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """Generate the tiny demo once per session (the CLI reuses it when parameters match)."""
+    from crnn_art.demo_data import DemoParams, generate_demo
+
+    folder = tmp_path_factory.mktemp("demo") / "demo"
+    generate_demo(folder, DemoParams(size=200, image_side=48, styles=4, noise=0.03, seed=0))
+    return folder
+
+
+def run_cli(args: list[str], *, processes: int = 1, env: dict | None = None, timeout: int = 600,
+            check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``crnn-art ARGS`` as a user would: plain, or under ``accelerate launch`` with the CPU config."""
+    inherited = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if processes == 1:
+        cmd = [sys.executable, "-m", "crnn_art", *args]
+    else:
+        assert processes == 2, "the shipped CPU config starts two processes"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
+               "--main_process_port", str(_free_port()), "-m", "crnn_art", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def read_history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]

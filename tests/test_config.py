@@ -1,0 +1,56 @@
+"""Config: presets, overrides, and one-line errors that name the key, before any work starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from crnn_art.config import ConfigError, available_presets, resolve_config
+from tests.conftest import run_cli
+
+
+def test_presets_ship_with_seed_values():
+    assert set(available_presets()) >= {"demo", "style", "genre", "artist", "combined"}
+    style = resolve_config("style")
+    assert (style.data.task, style.train.epochs, style.train.unfreeze_epoch) == ("style", 20, 7)
+    assert style.data.image_size == 384 and style.model.backbone_weights == "imagenet"
+    assert (style.train.lr, style.train.backbone_lr, style.train.weight_decay) == (8e-4, 1.5e-4, 1e-4)
+    assert (style.augment.mixup_prob, style.augment.cutmix_prob) == (0.35, 0.35)
+    assert (style.train.label_smoothing, style.train.grad_clip, style.train.batch_size) == (0.03, 1.0, 64)
+    assert [resolve_config(p).train.epochs for p in ("genre", "artist", "combined")] == [10, 10, 20]
+    assert resolve_config("combined").heads == ("style", "genre", "artist")
+
+
+def test_overrides_and_files_layer_in_order(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  epochs: 5\n  seed: 7\n")
+    cfg = resolve_config("style", path, ["train.epochs=3", "model.backbone_weights=null",
+                                         "augment.crop_scale=[0.5, 1.0]"])
+    assert (cfg.train.epochs, cfg.train.seed, cfg.model.backbone_weights) == (3, 7, None)
+    assert cfg.augment.crop_scale == [0.5, 1.0]
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ("train.epoch=3", "train.epoch"),
+    ("train.epochs=0", "train.epochs"),
+    ("train.epochs=many", "train.epochs"),
+    ("data.task=painter", "data.task"),
+    ("data.image_size=16", "data.image_size"),
+    ("augment.mixup_prob=0.95", "augment.mixup_prob"),
+    ("train.batch_size=7", "train.batch_size"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("model.backbone_weights=weights.txt", "model.backbone_weights"),
+    ("trian.epochs=3", "trian"),
+])
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ConfigError) as err:
+        resolve_config("demo", None, [override])
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_reports_config_error_in_one_line_before_any_work(tmp_path):
+    result = run_cli(["train", "--set", "train.epoch=3", "--set", f"data.demo_dir={tmp_path / 'demo'}",
+                      "--output-dir", str(tmp_path / "run")], check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.epoch" in lines[0] and "train.epochs" in lines[0]
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "run").exists()

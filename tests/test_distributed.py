@@ -1,0 +1,38 @@
+"""Two CPU processes (gloo) through `accelerate launch` with the shipped config, as users run it."""
+
+from __future__ import annotations
+
+import pytest
+
+from crnn_art.sources import read_splits
+from tests.conftest import read_history, read_json, run_cli, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, demo_dir):
+    run = tmp_path_factory.mktemp("runs") / "two"
+    run_cli(["train", "--output-dir", str(run), *tiny_overrides(demo_dir, train__max_steps=3)], processes=2)
+    return run
+
+
+def test_two_processes_train_and_count_every_validation_sample_once(two_process_run):
+    n_val = len(read_splits(two_process_run / "split.json")["validation"])
+    per_step = 2 * 16  # processes x eval batch
+    assert n_val % per_step != 0, "the check needs a validation set with a ragged last batch"
+    history = read_history(two_process_run)
+    assert history[-1]["processes"] == 2 and history[-1]["step"] == 3
+    metrics = read_json(two_process_run / "metrics.json")
+    assert metrics["num_samples"] == n_val
+
+
+def test_one_and_two_processes_give_the_same_metrics(two_process_run, tmp_path):
+    run_cli(["evaluate", "--checkpoint", str(two_process_run / "last"), "--split", "validation",
+             "--output-dir", str(tmp_path / "one")])
+    run_cli(["evaluate", "--checkpoint", str(two_process_run / "last"), "--split", "validation",
+             "--output-dir", str(tmp_path / "two")], processes=2)
+    one, two = read_json(tmp_path / "one" / "metrics.json"), read_json(tmp_path / "two" / "metrics.json")
+    final = read_json(two_process_run / "metrics.json")
+    assert one["num_samples"] == two["num_samples"] == final["num_samples"]
+    for key in ("loss", "top1", "top5", "macro_f1", "weighted_f1"):
+        assert one[key] == pytest.approx(two[key], abs=1e-4), key
+        assert one[key] == pytest.approx(final[key], abs=1e-4), key

@@ -1,0 +1,121 @@
+"""The pieces of the SPEC §3 recipe: optimiser groups, freezing, loss with mixing, sampling, splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crnn_art import CRNNArtClassifier
+from crnn_art.config import AugmentConfig, DataConfig, resolve_config
+from crnn_art.mixing import BatchMixer, one_hot_targets, soft_target_loss
+from crnn_art.sampling import GlobalDrawBatchSampler, balanced_weights
+from crnn_art.sources import make_splits
+from crnn_art.training import build_optimizer, stem_trainable
+
+
+def test_two_optimizer_groups_cover_every_parameter_once():
+    cfg = resolve_config("style")
+    model = CRNNArtClassifier(heads={"style": 27})
+    opt = build_optimizer(model, cfg)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["backbone"]["lr"] == 1.5e-4 and groups["new"]["lr"] == 8e-4
+    assert all(g["weight_decay"] == 1e-4 for g in opt.param_groups)
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert {id(p) for p in groups["backbone"]["params"]} == {id(p) for p in model.trunk.parameters()}
+
+
+def test_unfreeze_schedule():
+    style = resolve_config("style")
+    assert [stem_trainable(style, e) for e in (1, 6, 7, 20)] == [False, False, True, True]
+    genre = resolve_config("genre")
+    assert not any(stem_trainable(genre, e) for e in range(1, 11))
+    free = resolve_config("genre", None, ["train.freeze_stem=false"])
+    assert stem_trainable(free, 1)
+
+
+def test_soft_loss_equals_cross_entropy_without_mixing():
+    torch.manual_seed(0)
+    logits = {"style": torch.randn(6, 5)}
+    labels = torch.tensor([[0], [1], [4], [2], [2], [3]])
+    targets = one_hot_targets(labels, [5])
+    loss, _ = soft_target_loss(logits, targets, {"style": 5}, smoothing=0.03)
+    expected = F.cross_entropy(logits["style"], labels[:, 0], label_smoothing=0.03)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_unknown_labels_only_skip_their_own_head():
+    torch.manual_seed(0)
+    logits = {"style": torch.randn(4, 3), "artist": torch.randn(4, 2)}
+    labels = torch.tensor([[0, 1], [1, -1], [2, 0], [0, -1]])
+    loss, per_head = soft_target_loss(logits, one_hot_targets(labels, [3, 2]), {"style": 3, "artist": 2}, 0.0)
+    torch.testing.assert_close(per_head["style"], F.cross_entropy(logits["style"], labels[:, 0]))
+    known = labels[:, 1] >= 0
+    torch.testing.assert_close(per_head["artist"], F.cross_entropy(logits["artist"][known], labels[known, 1]))
+    torch.testing.assert_close(loss, per_head["style"] + per_head["artist"])
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixing_pairs_samples_and_keeps_label_mass(kind):
+    aug = AugmentConfig(mixup_prob=1.0 if kind == "mixup" else 0.0, cutmix_prob=1.0 if kind == "cutmix" else 0.0)
+    images = torch.randn(4, 3, 16, 16)
+    labels = torch.tensor([[0, 1], [1, -1], [2, 0], [0, 1]])
+    targets = one_hot_targets(labels, [3, 2])
+    mixed, soft, got = BatchMixer(aug)(images, targets, seed=5)
+    assert got == kind and mixed.shape == images.shape
+    torch.testing.assert_close(soft[:, :3].sum(1), torch.ones(4))  # style always known
+    assert (soft[:, 3:].sum(1) <= 1 + 1e-6).all()  # artist mass shrinks where a partner is unknown
+    again = BatchMixer(aug)(images, targets, seed=5)
+    torch.testing.assert_close(again[0], mixed)
+
+
+def test_global_draw_is_shared_and_split_evenly():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=(103, 1))
+    weights = balanced_weights(labels)
+    one = GlobalDrawBatchSampler(103, 8, 0, 1, seed=1, weights=weights)
+    ranks = [GlobalDrawBatchSampler(103, 8, r, 2, seed=1, weights=weights) for r in range(2)]
+    for s in (one, *ranks):
+        s.set_epoch(3)
+    whole = [b for b in one]
+    shares = [list(s) for s in ranks]
+    assert len(whole) == len(shares[0]) == len(shares[1]) == 103 // 8
+    for k, batch in enumerate(whole):
+        assert shares[0][k] + shares[1][k] == batch  # same slots, same augmentation seeds
+    one.set_epoch(4)
+    assert list(one) != whole
+    one.set_epoch(3, start_batch=5)
+    assert list(one) == whole[5:]
+
+
+def test_balanced_draw_equalises_classes():
+    labels = np.array([[0]] * 900 + [[1]] * 90 + [[2]] * 10)
+    sampler = GlobalDrawBatchSampler(1000, 100, 0, 1, seed=0, weights=balanced_weights(labels))
+    sampler.set_epoch(1)
+    drawn = labels[sampler.global_draw().numpy(), 0]
+    shares = np.bincount(drawn, minlength=3) / len(drawn)
+    assert np.all(np.abs(shares - 1 / 3) < 0.06)
+
+
+def test_combined_weights_average_known_heads():
+    labels = np.array([[0, 0], [0, -1], [1, 0], [1, 1]])
+    w = balanced_weights(labels)
+    np.testing.assert_allclose(w, [(1 / 2 + 1 / 2) / 2, 1 / 2, (1 / 2 + 1 / 2) / 2, (1 / 2 + 1) / 2])
+
+
+def test_splits_are_deterministic_disjoint_and_order_free():
+    cfg = DataConfig(val_fraction=0.2, test_fraction=0.1, split_seed=3)
+    a = make_splits(5000, cfg)
+    b = make_splits(5000, cfg)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    all_rows = np.concatenate(list(a.values()))
+    assert len(all_rows) == len(set(all_rows.tolist())) == 5000
+    assert abs(len(a["validation"]) / 5000 - 0.2) < 0.03 and abs(len(a["test"]) / 5000 - 0.1) < 0.03
+    # a longer source keeps every earlier row in the same split (a row's split depends on its id only)
+    longer = make_splits(6000, cfg)
+    np.testing.assert_array_equal(longer["validation"][longer["validation"] < 5000], a["validation"])
+    other = make_splits(5000, DataConfig(val_fraction=0.2, test_fraction=0.1, split_seed=4))
+    assert not np.array_equal(other["validation"], a["validation"])
