@@ -121,9 +121,10 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | 
     from crnn_art.config import load_run_config
     from crnn_art.loaders import PaintingDataset, eval_loader
     from crnn_art.model import ModelLoadError
+    from crnn_art.reports import add_reports
     from crnn_art.runtime import make_accelerator
     from crnn_art.sources import SPLITS, DataError, open_source, read_splits, task_labels
-    from crnn_art.training import make_progress, metrics_table
+    from crnn_art.training import make_progress, metrics_table, per_class_table
     from crnn_art.transforms import eval_resize, eval_transform
 
     if split not in SPLITS:
@@ -148,6 +149,7 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | 
     size = model.image_size
     dataset = PaintingDataset(source, rows, labels.labels, eval_transform(size), eval_resize(size))
     loader = accelerator.prepare(eval_loader(dataset, batch_size or cfg.train.eval_batch_size, cfg.data.num_workers))
+    model_names = model.class_names
     model = accelerator.prepare(model)
     with make_progress(console, accelerator.is_main_process) as progress:
         pred = predict(model, loader, accelerator, cfg.heads, progress)
@@ -156,10 +158,15 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | 
     if accelerator.is_main_process:
         out = Path(output_dir) if output_dir else run_dir / f"eval_{split}"
         out.mkdir(parents=True, exist_ok=True)
+        add_reports(metrics, pred, cfg.heads, model_names, out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         table = metrics_table(metrics, cfg.heads)
         table.title = f"{split} metrics of {folder} (%; loss is cross-entropy)"
         console.print(table)
-        console.print(f"written {out / 'metrics.json'}")
+        for head in cfg.heads:
+            per_class = metrics["per_class"] if len(cfg.heads) == 1 else metrics["heads"].get(head, {}).get("per_class")
+            if per_class:
+                console.print(per_class_table(head, per_class))
+        console.print(f"written {out}/: metrics.json, classification_report*.txt, confusion_matrix*.csv/.png")
     accelerator.end_training()
     return metrics

@@ -249,7 +249,7 @@ def metrics_table(metrics: dict[str, Any], heads: tuple[str, ...]) -> Table:
         table.add_row(name, *[f"{m[k]:.3f}" if k == "loss" else f"{m[k]:.2f}" for k in METRIC_KEYS],
                       str(m.get("num_samples", "")))
 
-    row(f"final (epoch {metrics.get('epoch')})", metrics)
+    row(f"final (epoch {metrics['epoch']})" if metrics.get("epoch") else metrics.get("split", "all"), metrics)
     for head, m in metrics.get("heads", {}).items():
         row(f"  {head}", m)
     best = metrics.get("best")
@@ -257,4 +257,14 @@ def metrics_table(metrics: dict[str, Any], heads: tuple[str, ...]) -> Table:
         row(f"best (epoch {best.get('epoch')})", best)
     if "joint_exact_match" in metrics:
         table.caption = f"joint exact match {metrics['joint_exact_match']:.2f}% on {metrics['joint_samples']} samples"
+    return table
+
+
+def per_class_table(head: str, per_class: dict[str, dict[str, float]]) -> Table:
+    table = Table(title=f"{head}: per class (%)")
+    table.add_column("class")
+    for key in ("precision", "recall", "f1", "support"):
+        table.add_column(key, justify="right")
+    for name, m in per_class.items():
+        table.add_row(name, f"{m['precision']:.1f}", f"{m['recall']:.1f}", f"{m['f1']:.1f}", str(m["support"]))
     return table

@@ -36,3 +36,16 @@ def test_one_and_two_processes_give_the_same_metrics(two_process_run, tmp_path):
     for key in ("loss", "top1", "top5", "macro_f1", "weighted_f1"):
         assert one[key] == pytest.approx(two[key], abs=1e-4), key
         assert one[key] == pytest.approx(final[key], abs=1e-4), key
+
+
+def test_one_and_two_processes_rank_the_same_outliers(two_process_run, tmp_path):
+    for name, processes in (("one", 1), ("two", 2)):
+        run_cli(["outliers", "--checkpoint", str(two_process_run / "last"), "--split", "train", "--top", "10",
+                 "--output-dir", str(tmp_path / name)], processes=processes)
+    one = (tmp_path / "one" / "all_scores.csv").read_text().splitlines()
+    two = (tmp_path / "two" / "all_scores.csv").read_text().splitlines()
+    n_train = len(read_splits(two_process_run / "split.json")["train"])
+    assert len(one) == len(two) == n_train + 1
+    rows_one = [line.split(",")[1] for line in one]
+    rows_two = [line.split(",")[1] for line in two]
+    assert rows_one == rows_two

@@ -1,0 +1,70 @@
+"""Where the model looked: the row x column attention map over a painting, as a picture.
+
+The row branch gives a softmax over the ``h`` rows of the layer4 map, the column branch one over
+the ``w`` columns; their outer product is an ``h x w`` map (it sums to 1), upsampled bilinearly over
+the image and drawn as a heat overlay.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from crnn_art.loaders import decode_image
+from crnn_art.transforms import eval_resize, eval_transform
+
+
+def attention_map(row_attention: torch.Tensor, col_attention: torch.Tensor) -> torch.Tensor:
+    """``(B, h)``, ``(B, w)`` -> ``(B, h, w)``, each map summing to 1."""
+    return row_attention[:, :, None] * col_attention[:, None, :]
+
+
+def overlay(image: Image.Image, amap: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """Blend a heat map (any shape; upsampled to the image) over ``image``."""
+    from matplotlib import colormaps
+
+    t = torch.as_tensor(amap, dtype=torch.float32)[None, None]
+    up = F.interpolate(t, size=(image.height, image.width), mode="bilinear", align_corners=False)[0, 0].numpy()
+    span = up.max() - up.min()
+    up = (up - up.min()) / span if span > 0 else np.zeros_like(up)
+    heat = (colormaps["inferno"](up)[..., :3] * 255).astype(np.uint8)
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return Image.fromarray((base * (1 - alpha) + heat * alpha).astype(np.uint8))
+
+
+def eval_view(image: Image.Image, image_size: int) -> Image.Image:
+    """The part of the painting the model sees at evaluation (resize + centre crop), as an image."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Resize(eval_resize(image_size)), v2.CenterCrop(image_size)])(image)
+
+
+@torch.no_grad()
+def explain_images(model, paths: list[str], out_dir: str | Path, top_k: int = 3) -> list[dict]:
+    """Write ``<name>_attention.png`` (painting | overlay) per image; return the top-k per head."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    transform = eval_transform(model.image_size)
+    results = []
+    for path in paths:
+        image = decode_image({"bytes": None, "path": path})
+        output = model(transform(image)[None])
+        amap = attention_map(output.row_attention, output.col_attention)[0].numpy()
+        view = eval_view(image, model.image_size)
+        side_by_side = Image.new("RGB", (view.width * 2, view.height))
+        side_by_side.paste(view, (0, 0))
+        side_by_side.paste(overlay(view, amap), (view.width, 0))
+        target = out / f"{Path(path).stem}_attention.png"
+        side_by_side.save(target)
+        tops = {}
+        for head, logits in output.logits.items():
+            probs = logits.softmax(dim=1)[0]
+            values, idx = probs.topk(min(top_k, probs.numel()))
+            tops[head] = [(model.class_names[head][i], float(v)) for v, i in zip(values, idx.tolist(), strict=True)]
+        results.append({"image": str(path), "attention_png": str(target), "top": tops})
+    return results

@@ -1,0 +1,121 @@
+"""Evaluation metrics equal scikit-learn's; outlier scoring finds flipped labels; the reduction is exact."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, top_k_accuracy_score
+
+from crnn_art.evaluation import Predictions, compute_metrics, head_metrics
+from crnn_art.outliers import apply_rules, centroids_from_sums, class_sums, quality, rank, score_head
+from crnn_art.reports import add_reports
+from tests.conftest import run_cli, tiny_overrides
+
+
+def test_metrics_equal_scikit_learn():
+    rng = np.random.default_rng(0)
+    logits = torch.as_tensor(rng.normal(size=(300, 7)), dtype=torch.float32)
+    labels = torch.as_tensor(rng.integers(0, 7, 300))
+    logits[torch.arange(150), labels[:150]] += 2.0  # better than chance, not perfect
+    m = head_metrics(logits, labels)
+    y, p = labels.numpy(), logits.argmax(1).numpy()
+    assert m["top1"] == pytest.approx(100 * accuracy_score(y, p))
+    assert m["top5"] == pytest.approx(100 * top_k_accuracy_score(y, logits.numpy(), k=5, labels=range(7)))
+    assert m["macro_f1"] == pytest.approx(100 * f1_score(y, p, average="macro"))
+    assert m["weighted_f1"] == pytest.approx(100 * f1_score(y, p, average="weighted"))
+    assert m["loss"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-6)
+
+    pred = Predictions(logits={"style": logits}, labels=labels[:, None], rows=torch.arange(300))
+    metrics = compute_metrics(pred, ("style",))
+    add_reports(metrics, pred, ("style",), {"style": [f"c{i}" for i in range(7)]}, None)
+    prec, rec, f1, sup = precision_recall_fscore_support(y, p, labels=range(7), zero_division=0)
+    for i in range(7):
+        got = metrics["per_class"][f"c{i}"]
+        assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx(
+            (100 * prec[i], 100 * rec[i], 100 * f1[i], sup[i]))
+
+
+def test_combined_metrics_skip_unknown_labels_and_report_joint_match():
+    logits = {"style": torch.tensor([[3.0, 0], [0, 3.0], [3.0, 0]]),
+              "artist": torch.tensor([[3.0, 0], [3.0, 0], [0, 3.0]])}
+    labels = torch.tensor([[0, 0], [1, -1], [1, 1]])
+    m = compute_metrics(Predictions(logits=logits, labels=labels, rows=torch.arange(3)), ("style", "artist"))
+    assert m["heads"]["style"]["top1"] == pytest.approx(200 / 3)
+    assert m["heads"]["artist"]["num_samples"] == 2 and m["heads"]["artist"]["top1"] == 100
+    assert m["joint_samples"] == 2 and m["joint_exact_match"] == 50
+    assert m["top1"] == pytest.approx((200 / 3 + 100) / 2)
+
+
+def _clusters(n_per_class=40, classes=4, dim=32, flips=6, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * 3
+    true = np.repeat(np.arange(classes), n_per_class)
+    z = centres[true] + rng.normal(size=(len(true), dim))
+    given = true.copy()
+    flipped = rng.choice(len(true), flips, replace=False)
+    given[flipped] = (true[flipped] + 1) % classes
+    logits = torch.as_tensor(-((z[:, None, :] - centres[None]) ** 2).sum(-1) / 10, dtype=torch.float32)
+    z = F.normalize(torch.as_tensor(z, dtype=torch.float32), dim=1)
+    return z, logits, torch.as_tensor(given), set(flipped.tolist())
+
+
+def test_flipped_labels_rank_at_the_top():
+    z, logits, given, flipped = _clusters()
+    sums, counts = class_sums(z, given, 4)
+    scored = score_head("style", z, logits, given, torch.arange(len(given)), centroids_from_sums(sums, counts))
+    apply_rules(scored)
+    ranked = rank(scored)
+    assert {s.row for s in ranked[: len(flipped)]} == flipped
+    assert all("confident_mismatch" in s.flags or "small_margin" in s.flags for s in ranked[: len(flipped)])
+    q = quality(ranked, flipped)
+    assert q["crnn-art"]["precision_at_k"] == 100.0
+
+
+def test_centroid_reduction_equals_single_process():
+    z, _, given, _ = _clusters(seed=1)
+    whole_sums, whole_counts = class_sums(z, given, 4)
+    parts = [class_sums(z[i::3], given[i::3], 4) for i in range(3)]  # three "processes" with strided shards
+    sums = sum(p[0] for p in parts)
+    counts = sum(p[1] for p in parts)
+    torch.testing.assert_close(sums, whole_sums)
+    torch.testing.assert_close(counts, whole_counts)
+    torch.testing.assert_close(centroids_from_sums(sums, counts), centroids_from_sums(whole_sums, whole_counts))
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, demo_dir):
+    run = tmp_path_factory.mktemp("runs") / "short"
+    run_cli(["train", "--output-dir", str(run), *tiny_overrides(demo_dir, train__epochs=1, train__max_steps=6)])
+    return run
+
+
+def test_evaluate_writes_reports_that_name_the_classes(short_run, tmp_path):
+    run_cli(["evaluate", "--checkpoint", str(short_run), "--split", "test", "--output-dir", str(tmp_path)])
+    names = ["Color_Field_Painting", "Impressionism", "Minimalism", "Pointillism"]
+    report = (tmp_path / "classification_report.txt").read_text()
+    assert all(n in report for n in names)
+    with open(tmp_path / "confusion_matrix.csv", newline="") as fh:
+        table = list(csv.reader(fh))
+    assert table[0][1:] == names and [r[0] for r in table[1:]] == names
+    assert Image.open(tmp_path / "confusion_matrix.png").size[0] > 300
+
+
+def test_outliers_and_explain_write_their_files(short_run, tmp_path, demo_dir):
+    run_cli(["outliers", "--checkpoint", str(short_run), "--split", "train", "--top", "5",
+             "--output-dir", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "outliers.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 5 and [int(r["rank"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert float(rows[0]["score"]) >= float(rows[-1]["score"])
+    page = (tmp_path / "out" / "outliers.html").read_text()
+    assert page.count("data:image/png;base64,") == 10  # painting + attention overlay per card
+    image = tmp_path / "painting.png"
+    Image.new("RGB", (70, 50), (200, 30, 30)).save(image)
+    result = run_cli(["explain", "--checkpoint", str(short_run), str(image), "--output-dir", str(tmp_path / "att")])
+    assert "painting.png" in result.stdout
+    assert Image.open(tmp_path / "att" / "painting_attention.png").size == (64, 32)
