@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from crnn_art.loaders import decode_image
+from crnn_art.decoding import DecodeError, decode_image
 from crnn_art.transforms import eval_resize, eval_transform
 
 
@@ -52,7 +52,11 @@ def explain_images(model, paths: list[str], out_dir: str | Path, top_k: int = 3)
     transform = eval_transform(model.image_size)
     results = []
     for path in paths:
-        image = decode_image({"bytes": None, "path": path})
+        try:
+            image = decode_image(str(path))
+        except DecodeError as exc:
+            results.append({"image": str(path), "error": str(exc)})
+            continue
         output = model(transform(image)[None])
         amap = attention_map(output.row_attention, output.col_attention)[0].numpy()
         view = eval_view(image, model.image_size)

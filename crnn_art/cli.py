@@ -1,16 +1,19 @@
-"""``crnn-art`` command line: train, evaluate, outliers, explain (also under ``accelerate launch -m crnn_art``)."""
+"""``crnn-art`` command line: train, evaluate, outliers, explain, prepare (and under ``accelerate launch``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
-from crnn_art.config import ConfigError, available_presets, resolve_config
+from crnn_art.checkpoints import CheckpointError
+from crnn_art.config import ConfigError, available_presets, load_run_config, resolve_config
 from crnn_art.model import ModelLoadError
 from crnn_art.runtime import LaunchError
 from crnn_art.sources import DataError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, LaunchError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, LaunchError, CheckpointError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,12 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (config: preset <- --config file <- --set overrides)")
-    train.add_argument("--preset", default="demo", help=f"one of: {', '.join(available_presets())}")
+    train.add_argument("--preset", default=None,
+                       help=f"one of: {', '.join(available_presets())} (default: demo; with --resume: the run's own)")
     train.add_argument("--config", help="a YAML file with data/model/augment/train sections")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one key, e.g. --set train.epochs=3 (repeatable)")
     train.add_argument("--output-dir", default=None, help="run folder (default: runs/<preset>)")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--resume", default=None, metavar="latest|auto|PATH",
+                       help="continue the run in --output-dir from its newest complete checkpoint (latest), "
+                            "from PATH, or latest-if-any (auto, for requeued jobs)")
 
     ev = sub.add_parser("evaluate", help="metrics of a trained model on a split of its run's data")
     ev.add_argument("--checkpoint", required=True, help="a run folder, or its best/ or last/ folder")
@@ -43,6 +50,42 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--output-dir", default=None, help="default: RUN/outliers_<split>")
     out.add_argument("--batch-size", type=int, default=None)
 
+    pr = sub.add_parser("prepare", help="convert a source once into resized JPEG shards (fast to train on)")
+    pr.add_argument("--source", required=True, help="what data.source would be: a Hub id, folder, artgan, demo")
+    pr.add_argument("--output-dir", required=True, help="the prepared folder; then train with data.source=<it>")
+    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+                    help="other data keys of the source, e.g. data.lists_dir=... for artgan")
+    pr.add_argument("--short-side", type=int, default=512, help="resize so the short side is at most this (512)")
+    pr.add_argument("--quality", type=int, default=90, help="JPEG quality (90)")
+    pr.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all cores)")
+    pr.add_argument("--shard-size", type=int, default=1000, help="rows per shard, the unit of resumption")
+
+    pu = sub.add_parser("push", help="publish a trained model (with a generated model card) to the Hugging Face Hub")
+    pu.add_argument("--checkpoint", required=True, help="a run folder (its best/), or a best/ or last/ folder")
+    pu.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    pu.add_argument("--revision", default=None, help="push to this branch (created if needed)")
+
+    pd = sub.add_parser("predict", help="top-k classes per head for images, folders or lists of paths")
+    pd.add_argument("--model", required=True, help="a run folder, a best/ or last/ folder, or a Hub id")
+    pd.add_argument("paths", nargs="+", help="image files, folders (recursive), or .txt files of paths")
+    pd.add_argument("--top-k", type=int, default=5)
+    pd.add_argument("--batch-size", type=int, default=16)
+    pd.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    pd.add_argument("--heatmaps", default=None, metavar="OUT", help="also save attention overlays into OUT")
+
+    be = sub.add_parser("bench", help="speed and memory figures: model step vs ResNet-50, input pipeline, outliers")
+    be.add_argument("--device", default="cpu", help="cpu or cuda")
+    be.add_argument("--image-size", type=int, default=224)
+    be.add_argument("--batch", type=int, nargs="+", default=[16], help="one or more batch sizes")
+    be.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")
+    be.add_argument("--precision", default="no", help="no, bf16 or fp16")
+    be.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores, at most 8)")
+    be.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's peak TFLOP/s at this precision, to report model FLOP utilisation")
+    be.add_argument("--quick", action="store_true", help="fewer steps and images (a smoke run)")
+    be.add_argument("--json", action="store_true", help="print the report as JSON")
+
     ex = sub.add_parser("explain", help="attention maps (row x column) over paintings, as PNGs")
     ex.add_argument("--checkpoint", required=True, help="a run folder, or its best/ or last/ folder")
     ex.add_argument("images", nargs="+", help="image files")
@@ -50,11 +93,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from crnn_art.predict import collect_paths, load_model, predict_images
+
+    model = load_model(args.model)
+    paths = collect_paths(args.paths)
+    errors = 0
+    console = Console(stderr=True, highlight=False)
+    with Progress(console=console, transient=True, disable=args.json) as progress:
+        task = progress.add_task("predict", total=len(paths))
+        for result in predict_images(model, paths, args.top_k, args.batch_size, args.heatmaps):
+            progress.advance(task)
+            if "error" in result:
+                errors += 1
+                print(f"crnn-art: skipped {result['image']}: {result['error']}", file=sys.stderr)
+                if args.json:
+                    print(json.dumps(result))
+                continue
+            if args.json:
+                print(json.dumps(result), flush=True)
+            else:
+                tops = " | ".join(f"{h}: " + ", ".join(f"{p['label']} {p['score']:.2f}" for p in preds)
+                                  for h, preds in result["predictions"].items())
+                progress.console.print(f"{result['image']}: {tops}")
+    if errors:
+        print(f"crnn-art: {errors} of {len(paths)} files could not be read", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            cfg = resolve_config(args.preset, args.config, args.overrides)
+            output_dir = args.output_dir or f"runs/{args.preset or 'demo'}"
+            own = Path(output_dir) / "config.yaml"
+            if args.resume and not (args.preset or args.config or args.overrides) and own.is_file():
+                cfg = load_run_config(own)  # resuming with nothing said: the run's own config
+            else:
+                cfg = resolve_config(args.preset or "demo", args.config, args.overrides)
             if args.print_config:
                 import yaml
 
@@ -62,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from crnn_art.training import train
 
-            train(cfg, args.output_dir or f"runs/{args.preset}")
+            train(cfg, output_dir, resume=args.resume)
         elif args.command == "evaluate":
             from crnn_art.evaluation import evaluate_checkpoint
 
@@ -72,16 +153,53 @@ def main(argv: list[str] | None = None) -> int:
 
             find_outliers(args.checkpoint, args.split, args.top, args.select, args.threshold, args.z,
                           args.output_dir, args.known_wrong, args.batch_size)
+        elif args.command == "prepare":
+            from crnn_art.prepare import prepare
+
+            cfg = resolve_config(None, None, [f"data.source={args.source}", *args.overrides])
+            prepare(cfg.data, args.output_dir, args.short_side, args.quality, args.num_proc, args.shard_size)
+        elif args.command == "push":
+            from crnn_art.hub import push
+
+            print(f"pushed: {push(args.checkpoint, args.repo_id, args.private, args.revision)}")
+        elif args.command == "predict":
+            return _predict(args)
+        elif args.command == "bench":
+            import json
+
+            from crnn_art.bench import print_report, run_bench
+
+            reports = [run_bench(args.device, args.image_size, b, args.steps, args.precision, workers=args.workers,
+                                 quick=args.quick, peak_tflops=args.peak_tflops) for b in args.batch]
+            if args.json:
+                print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+            else:
+                for report in reports:
+                    print_report(report)
         elif args.command == "explain":
             from crnn_art.attention import explain_images
             from crnn_art.checkpoints import load_model_folder
 
             for item in explain_images(load_model_folder(args.checkpoint), args.images, args.output_dir):
+                if "error" in item:
+                    print(f"{item['image']}: skipped, cannot decode ({item['error']})", file=sys.stderr)
+                    continue
                 tops = "; ".join(f"{h}: " + ", ".join(f"{n} {p:.2f}" for n, p in v) for h, v in item["top"].items())
                 print(f"{item['image']}: {tops} -> {item['attention_png']}")
     except USER_ERRORS as exc:
         print(f"crnn-art: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from crnn_art.training import NonFiniteLoss, TrainingStopped
+
+        if isinstance(exc, TrainingStopped):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"crnn-art: {exc}", file=sys.stderr)
+            return exc.exit_code
+        if isinstance(exc, NonFiniteLoss):
+            print(f"crnn-art: error: {exc}", file=sys.stderr)
+            return 3
+        raise
     except KeyboardInterrupt:
         print("crnn-art: interrupted", file=sys.stderr)
         return 130

@@ -21,6 +21,7 @@ TASKS = ("style", "genre", "artist", "combined")
 HEADS_OF_TASK = {"style": ("style",), "genre": ("genre",), "artist": ("artist",),
                  "combined": ("style", "genre", "artist")}
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
 
 
 class ConfigError(ValueError):
@@ -32,7 +33,8 @@ class DataConfig:
     """Where paintings come from and which labels are learned."""
 
     source: str = "huggan/wikiart"
-    """'demo', a Hub dataset id, or a local folder written by ``save_to_disk``."""
+    """'demo', 'artgan', a Hub dataset id, a parquet file, or a local folder: save_to_disk, prepared
+    shards (``crnn-art prepare``), parquet files in the Hub's layout, or an image folder."""
     revision: str | None = None
     task: str = "style"
     image_size: int = 384
@@ -41,6 +43,16 @@ class DataConfig:
     test_fraction: float = 0.15
     split_seed: int = 0
     min_artist_count: int = 1
+    artist_list: str | None = None
+    """'artgan': keep only the 23 artists of the ArtGAN protocol; null: every known artist."""
+    folder_label: str | None = None
+    """Image folders: which column the folder names label (default: the task; style for combined)."""
+    artist_from_filename: bool = False
+    """Image folders / ArtGAN: take the artist from WikiArt file names (``artist-name_title.jpg``)."""
+    lists_dir: str | None = None
+    """data.source=artgan: the folder with <task>_train_clean.csv, <task>_val_clean.csv, <task>_class.txt."""
+    image_root: str | None = None
+    """data.source=artgan: the root the lists' relative image paths start from."""
     num_workers: int = 4
     demo_dir: str = "data/demo"
     demo_size: int = 1600
@@ -97,7 +109,29 @@ class TrainConfig:
     """1-based epoch from which the stem trains too; null keeps it frozen for the whole run."""
     balanced_sampling: bool = True
     mixed_precision: str = "auto"
+    grad_accum_steps: int = 1
+    """Split each global batch into this many micro-batches per process (same result, less memory)."""
+    ema_decay: float | None = None
+    """EMA of the weights (e.g. 0.999), evaluated and saved beside the raw weights; null = off."""
+    checkpoint_every_steps: int | None = None
+    """Also checkpoint every N optimizer steps (epoch ends always are); null = epoch ends only."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best one (which is never deleted)."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss (each is skipped)."""
     log_every: int = 10
+    log_with: str = "none"
+    """Experiment tracker through Accelerate: none, tensorboard, wandb, trackio, mlflow, comet_ml, aim..."""
+    project_name: str = "crnn-art"
+
+
+@dataclass
+class HubConfig:
+    push_to_hub: str | None = None
+    """USER/NAME: push best/ (with a generated model card) when training ends; null = don't."""
+    private: bool = False
+    revision: str | None = None
+    """A branch to push to (created if needed); null = main."""
 
 
 @dataclass
@@ -106,6 +140,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     @property
     def heads(self) -> tuple[str, ...]:
@@ -128,7 +163,7 @@ def _read_yaml(text: str, where: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping of sections (data, model, augment, train)")
+        raise ConfigError(f"{where} must be a mapping of sections (data, model, augment, train, hub)")
     return data
 
 
@@ -260,6 +295,12 @@ def validate(cfg: RunConfig) -> None:
     need(d.val_fraction + d.test_fraction < 1.0, "data.val_fraction + data.test_fraction",
          "leave some data for training (sum < 1)", d.val_fraction + d.test_fraction)
     need(d.min_artist_count >= 1, "data.min_artist_count", "use an integer >= 1", d.min_artist_count)
+    need(d.artist_list in (None, "artgan"), "data.artist_list", "use null or 'artgan'", d.artist_list)
+    need(d.folder_label in (None, "style", "genre", "artist"), "data.folder_label",
+         "use null, style, genre or artist", d.folder_label)
+    if d.source == "artgan":
+        need(bool(d.lists_dir) and bool(d.image_root), "data.lists_dir / data.image_root",
+             "data.source=artgan needs both folders", (d.lists_dir, d.image_root))
     need(d.num_workers >= 0, "data.num_workers", "use 0 (load in the main process) or more", d.num_workers)
     need(d.demo_size >= 40, "data.demo_size", "generate at least 40 rows", d.demo_size)
     need(d.demo_image_side >= 32, "data.demo_image_side", "use at least 32 pixels", d.demo_image_side)
@@ -305,6 +346,19 @@ def validate(cfg: RunConfig) -> None:
     need(t.mixed_precision in PRECISIONS, "train.mixed_precision", f"choose one of {', '.join(PRECISIONS)}",
          t.mixed_precision)
     need(t.log_every >= 1, "train.log_every", "use an integer >= 1", t.log_every)
+    need(t.grad_accum_steps >= 1, "train.grad_accum_steps", "use an integer >= 1", t.grad_accum_steps)
+    need(t.batch_size % t.grad_accum_steps == 0 and (t.batch_size // t.grad_accum_steps) % 2 == 0,
+         "train.grad_accum_steps", f"use a divisor of train.batch_size={t.batch_size} leaving even micro-batches",
+         t.grad_accum_steps)
+    need(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay", "use null or a decay in (0, 1)", t.ema_decay)
+    need(t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps",
+         "use null or an integer >= 1", t.checkpoint_every_steps)
+    need(t.keep_last >= 1, "train.keep_last", "keep at least 1 checkpoint", t.keep_last)
+    need(t.max_bad_steps >= 1, "train.max_bad_steps", "use an integer >= 1", t.max_bad_steps)
+    h = cfg.hub
+    need(h.push_to_hub is None or (h.push_to_hub.count("/") == 1 and all(h.push_to_hub.split("/"))),
+         "hub.push_to_hub", "use USER/NAME (or ORG/NAME), or null", h.push_to_hub)
+    need(t.log_with in TRACKERS, "train.log_with", f"choose one of {', '.join(TRACKERS)}", t.log_with)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -253,10 +254,16 @@ def generate_demo(out_dir: str | Path, params: DemoParams) -> Path:
     columns = {k: [r[k] for r in rows] for k in ("image", "artist", "genre", "style")}
     dataset = Dataset.from_dict(columns, features=features)
 
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # several processes may race to generate
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dataset.save_to_disk(str(tmp / "dataset"))
+    from datasets import disable_progress_bars, enable_progress_bars
+
+    disable_progress_bars()
+    try:
+        dataset.save_to_disk(str(tmp / "dataset"))
+    finally:
+        enable_progress_bars()
     with open(tmp / "wrong_labels.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["row", "given_style", "true_style"])
@@ -264,6 +271,9 @@ def generate_demo(out_dir: str | Path, params: DemoParams) -> Path:
     (tmp / "demo_info.json").write_text(json.dumps({
         "params": wanted, "styles": [r.name for r in recipes], "wrong_labels": len(wrong),
     }, indent=2))
+    if info_path.is_file() and json.loads(info_path.read_text()).get("params") == wanted:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+        return out / "dataset"
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out / "dataset"

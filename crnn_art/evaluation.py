@@ -7,6 +7,9 @@ per-process means; metrics are then computed on the full arrays, identically on 
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,10 +85,12 @@ def compute_metrics(pred: Predictions, heads: tuple[str, ...]) -> dict[str, Any]
         m = head_metrics(pred["logits"][h], pred["labels"][:, i])
         if m is not None:
             per_head[h] = m
-    result: dict[str, Any] = {"num_samples": int(len(pred["rows"]))}
+    decoded = (pred["labels"] >= 0).any(dim=1)  # undecodable files come back with every label -1
+    counts = {"num_samples": int(decoded.sum()), "skipped": int((~decoded).sum())}
+    result: dict[str, Any] = dict(counts)
     if len(heads) == 1:
         result.update(per_head.get(heads[0], {}))
-        result["num_samples"] = int(len(pred["rows"]))
+        result.update(counts)
         return result
     for key in METRIC_KEYS:
         result[key] = float(np.mean([m[key] for m in per_head.values()]))
@@ -105,26 +110,28 @@ def selection_score(metrics: dict[str, Any], heads: tuple[str, ...]) -> float:
     return float(metrics["joint_exact_match"] if len(heads) > 1 else metrics["top1"])
 
 
-def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | None = None,
-                        batch_size: int | None = None) -> dict[str, Any]:
-    """Evaluate a run's model on one split of the run's own data, across all launched processes.
+@dataclass
+class RunSplit:
+    """A trained run opened on one split of its own data, ready to evaluate or score."""
 
-    ``checkpoint`` is a run folder (its ``best/`` is used) or a ``best/``/``last/`` folder inside
-    one; the run's ``config.yaml`` and ``split.json`` say which data and rows to use.
-    """
-    import json
-    from pathlib import Path
+    cfg: Any
+    run_dir: Path
+    folder: Path
+    accelerator: Any
+    model: Any
+    dataset: Any  # loaders.PaintingDataset with the eval transform
+    rows: np.ndarray
 
-    from rich.console import Console
 
+def open_run_split(checkpoint: str, split: str) -> RunSplit:
+    """Resolve a run folder (or its best/, last/), build the Accelerator, load the model strictly,
+    and open the split's rows of the run's own source with the run's own task labels."""
     from crnn_art.checkpoints import load_model_folder
     from crnn_art.config import load_run_config
-    from crnn_art.loaders import PaintingDataset, eval_loader
+    from crnn_art.loaders import PaintingDataset
     from crnn_art.model import ModelLoadError
-    from crnn_art.reports import add_reports
     from crnn_art.runtime import make_accelerator
     from crnn_art.sources import SPLITS, DataError, open_source, read_splits, task_labels
-    from crnn_art.training import make_progress, metrics_table, per_class_table
     from crnn_art.transforms import eval_resize, eval_transform
 
     if split not in SPLITS:
@@ -134,12 +141,11 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | 
     cfg = load_run_config(run_dir / "config.yaml")
     rows = read_splits(run_dir / "split.json")[split]
     if len(rows) == 0:
-        raise DataError(f"the run's {split} split is empty (data.{split[:4]}_fraction was 0); pick another split")
-    accelerator = make_accelerator(cfg.train.mixed_precision)
-    console = Console(quiet=not accelerator.is_main_process, highlight=False)
+        raise DataError(f"the run's {split} split is empty; pick another split")
     model = load_model_folder(folder)
-    with accelerator.main_process_first():
-        source = open_source(cfg.data)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    with accelerator.local_main_process_first():
+        source = open_source(cfg.data).dataset
     labels = task_labels(source, cfg.heads, cfg.data)
     if labels.class_names != model.class_names:
         raise ModelLoadError(
@@ -148,6 +154,26 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | 
         )
     size = model.image_size
     dataset = PaintingDataset(source, rows, labels.labels, eval_transform(size), eval_resize(size))
+    return RunSplit(cfg, run_dir, folder, accelerator, model, dataset, rows)
+
+
+def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | None = None,
+                        batch_size: int | None = None) -> dict[str, Any]:
+    """Evaluate a run's model on one split of the run's own data, across all launched processes.
+
+    ``checkpoint`` is a run folder (its ``best/`` is used) or a ``best/``/``last/`` folder inside
+    one; the run's ``config.yaml`` and ``split.json`` say which data and rows to use.
+    """
+    from rich.console import Console
+
+    from crnn_art.loaders import eval_loader
+    from crnn_art.reports import add_reports
+    from crnn_art.training import make_progress, metrics_table, per_class_table
+
+    run = open_run_split(checkpoint, split)
+    cfg, run_dir, folder, accelerator, model, dataset = (run.cfg, run.run_dir, run.folder, run.accelerator,
+                                                         run.model, run.dataset)
+    console = Console(quiet=not accelerator.is_main_process, highlight=False)
     loader = accelerator.prepare(eval_loader(dataset, batch_size or cfg.train.eval_batch_size, cfg.data.num_workers))
     model_names = model.class_names
     model = accelerator.prepare(model)

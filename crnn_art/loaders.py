@@ -7,38 +7,15 @@ that every sample was counted once and outlier reports can name the painting.
 
 from __future__ import annotations
 
-import io
-import math
+import functools
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from crnn_art.decoding import DecodeError, decode_image
 from crnn_art.sampling import GlobalDrawBatchSampler
-from crnn_art.sources import DataError
-
-
-def decode_image(value: dict[str, Any] | Image.Image, min_side: int | None = None) -> Image.Image:
-    """Decode a ``datasets`` image cell (bytes or path) to RGB.
-
-    Large JPEGs are decoded at reduced scale (``draft``) when the transform needs at most
-    ``min_side`` pixels on the short side: WikiArt originals are often 2,000-7,000 px wide and
-    full decoding dominates the loader's time.
-    """
-    if isinstance(value, Image.Image):
-        image = value
-    else:
-        data, path = value.get("bytes"), value.get("path")
-        image = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
-    if min_side and image.format == "JPEG":
-        w, h = image.size
-        scale = min_side / min(w, h)
-        if scale < 1:
-            image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-    image = ImageOps.exif_transpose(image)
-    return image.convert("RGB")
 
 
 class PaintingDataset(Dataset):
@@ -61,22 +38,53 @@ class PaintingDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """One sample; a file that cannot be decoded gives ``skipped=True`` and a blank image.
+
+        The training collate drops skipped samples; evaluation keeps them with every label set
+        to -1, so batches keep their shape across processes and no metric counts them.
+        """
         position, seed = key if isinstance(key, tuple) else (key, None)
         row = int(self.rows[position])
         try:
             image = decode_image(self.images[row]["image"], self.min_side)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure names the row
-            raise DataError(
-                f"row {row}: cannot decode its image ({type(exc).__name__}: {exc}); "
-                "fix or remove that file in the source"
-            ) from exc
+        except DecodeError:
+            return {"image": None, "labels": torch.full_like(self.labels[position], -1), "row": row, "skipped": True}
         if seed is None:
             tensor = self.transform(image)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 tensor = self.transform(image)
-        return {"image": tensor, "labels": self.labels[position], "row": row}
+        return {"image": tensor, "labels": self.labels[position], "row": row, "skipped": False}
+
+
+def collate(samples: list[dict[str, Any]], keep_skipped: bool) -> dict[str, Any]:
+    """Stack samples; ``skipped`` counts undecodable ones (dropped, or kept as unlabelled blanks)."""
+    good = [s for s in samples if not s["skipped"]]
+    like = good[0]["image"] if good else None
+    kept = samples if keep_skipped else good
+    images = []
+    for s in kept:
+        if s["image"] is None:
+            images.append(torch.zeros_like(like) if like is not None else None)
+        else:
+            images.append(s["image"])
+    if any(i is None for i in images):  # a whole evaluation batch of broken files: nothing to shape from
+        images = [torch.zeros(3, 1, 1)] * len(kept)
+    return {
+        "image": torch.stack(images) if images else torch.zeros(0, 3, 1, 1),
+        "labels": torch.stack([s["labels"] for s in kept]) if kept else torch.zeros(0, 1, dtype=torch.int64),
+        "row": torch.tensor([s["row"] for s in kept], dtype=torch.int64),
+        "skipped": torch.tensor(len(samples) - len(good)),
+    }
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the training process, which finishes the step and checkpoints."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train_loader(dataset: PaintingDataset, sampler: GlobalDrawBatchSampler, num_workers: int) -> DataLoader:
@@ -84,9 +92,11 @@ def train_loader(dataset: PaintingDataset, sampler: GlobalDrawBatchSampler, num_
     return DataLoader(
         dataset,
         batch_sampler=sampler,
+        worker_init_fn=_ignore_stop_signals,
+        collate_fn=functools.partial(collate, keep_skipped=False),
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0,  # the batch sampler runs in this process: set_epoch still applies
     )
 
 
@@ -97,6 +107,7 @@ def eval_loader(dataset: PaintingDataset, batch_size: int, num_workers: int) -> 
         batch_size=batch_size,
         shuffle=False,
         drop_last=False,
+        collate_fn=functools.partial(collate, keep_skipped=True),
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
     )

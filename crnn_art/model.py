@@ -181,6 +181,12 @@ class CRNNArtClassifier(
         self.class_names = class_names or {t: [str(i) for i in range(n)] for t, n in heads.items()}
         self.image_size = int(image_size)
         self.mean, self.std = tuple(mean), tuple(std)
+        self.arch = {
+            "heads": self.heads_spec, "class_names": self.class_names, "backbone_weights": backbone_weights,
+            "image_size": self.image_size, "proj_channels": proj_channels, "gru_hidden": gru_hidden,
+            "gru_layers": gru_layers, "gru_dropout": gru_dropout, "dropout": dropout,
+            "mean": list(self.mean), "std": list(self.std),
+        }
 
         self.trunk = _build_trunk(backbone_weights)
         trunk_channels = 2048
@@ -224,6 +230,18 @@ class CRNNArtClassifier(
         return CRNNOutput(logits=logits, embedding=embedding, row_attention=row_att, col_attention=col_att)
 
     # -- saving and loading ------------------------------------------------------------------------
+    def hub_config(self) -> dict[str, Any]:
+        """What ``config.json`` holds: every constructor argument (class names always filled in), and
+        each head's ``id2label`` in the usual Hugging Face form."""
+        return {
+            **self.arch,
+            "architecture": "CRNNArtClassifier",
+            "id2label": {head: dict(enumerate(names)) for head, names in self.class_names.items()},
+        }
+
+    def save_pretrained(self, save_directory, *, config=None, **kwargs):  # type: ignore[override]
+        return super().save_pretrained(save_directory, config=config or self.hub_config(), **kwargs)
+
     @classmethod
     def _from_pretrained(
         cls,
@@ -281,7 +299,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
         raise ModelLoadError(
             f"{path} is damaged or not a safetensors file ({exc}); use another checkpoint or retrain"
         ) from exc
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ: other heads or class counts
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise ModelLoadError(f"{path} does not fit this model's config.json ({first})") from exc
     if strict and (missing or unexpected):
         raise ModelLoadError(
             f"{path} does not match this model (missing {list(missing)[:3]}, "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import io
 import json
@@ -184,34 +185,22 @@ def find_outliers(checkpoint: str, split: str = "train", top: int = 50, mode: st
     from rich.table import Table
     from torch.utils.data import DataLoader, Subset
 
-    from crnn_art.checkpoints import load_model_folder
-    from crnn_art.config import ConfigError, load_run_config
-    from crnn_art.loaders import PaintingDataset
-    from crnn_art.runtime import make_accelerator
-    from crnn_art.sources import SPLITS, DataError, open_source, read_splits, task_labels
-    from crnn_art.transforms import eval_resize, eval_transform
+    from crnn_art.config import ConfigError
+    from crnn_art.evaluation import open_run_split
+    from crnn_art.loaders import collate
 
-    if split not in SPLITS:
-        raise DataError(f"--split {split!r} is not a split; choose one of {', '.join(SPLITS)}")
     if mode not in SELECT_MODES:
         raise ConfigError(f"--select {mode!r} is not allowed; choose one of {', '.join(SELECT_MODES)}")
     if mode == "threshold" and threshold is None:
         raise ConfigError("--select threshold needs --threshold SCORE (scores run from about -2 to 5)")
-    folder = Path(checkpoint)
-    run_dir = folder if (folder / "config.yaml").is_file() else folder.parent
-    cfg = load_run_config(run_dir / "config.yaml")
-    rows = read_splits(run_dir / "split.json")[split]
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    run = open_run_split(checkpoint, split)
+    cfg, run_dir, accelerator, dataset, rows = run.cfg, run.run_dir, run.accelerator, run.dataset, run.rows
     console = Console(quiet=not accelerator.is_main_process, highlight=False)
-    model = load_model_folder(folder).to(accelerator.device)
-    with accelerator.main_process_first():
-        source = open_source(cfg.data)
-    labels = task_labels(source, cfg.heads, cfg.data)
-    size = model.image_size
-    dataset = PaintingDataset(source, rows, labels.labels, eval_transform(size), eval_resize(size))
+    model = run.model.to(accelerator.device)
     # Each process embeds its own positions (no padding, so no sample is counted twice).
     shard = Subset(dataset, list(range(accelerator.process_index, len(dataset), accelerator.num_processes)))
-    loader = DataLoader(shard, batch_size=batch_size or cfg.train.eval_batch_size, num_workers=cfg.data.num_workers)
+    loader = DataLoader(shard, batch_size=batch_size or cfg.train.eval_batch_size, num_workers=cfg.data.num_workers,
+                        collate_fn=functools.partial(collate, keep_skipped=True))
     z_local, logits, label_mat, row_ids = embed_shard(model, loader, accelerator.device, accelerator.autocast,
                                                       cfg.heads)
 
@@ -300,7 +289,7 @@ def _write_csv(path: Path, scored: list[Scored], class_names: dict[str, list[str
 def _write_html(path: Path, selected: list[Scored], model, dataset, rows: np.ndarray, split: str) -> None:
     """A self-contained page (images inline as base64): painting, attention overlay, labels, scores."""
     from crnn_art.attention import attention_map, eval_view, overlay
-    from crnn_art.loaders import decode_image
+    from crnn_art.decoding import decode_image
 
     position = {int(r): i for i, r in enumerate(rows)}
     model.eval()

@@ -39,7 +39,8 @@ def _mix_seed(*parts: int) -> int:
 
 
 class GlobalDrawBatchSampler:
-    """Yields this process's share of each global batch as ``(position, augmentation_seed)`` pairs.
+    """Yields this process's share of each global batch as ``(position, augmentation_seed)`` pairs,
+    in ``accum`` consecutive micro-batches when gradients are accumulated.
 
     ``position`` indexes the training split; the augmentation seed is a function of
     ``(seed, epoch, slot in the global draw)``, so a sample is augmented the same way whichever
@@ -54,9 +55,13 @@ class GlobalDrawBatchSampler:
         world_size: int,
         seed: int,
         weights: np.ndarray | None = None,
+        accum: int = 1,
     ) -> None:
-        if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
+        if global_batch % (world_size * accum):
+            raise ValueError(
+                f"train.batch_size={global_batch} is not divisible by {world_size} process(es) x "
+                f"{accum} accumulation step(s); use a multiple of {world_size * accum}"
+            )
         if num_samples < global_batch:
             raise ValueError(
                 f"the training split has {num_samples} samples, fewer than one global batch of {global_batch}; "
@@ -65,6 +70,8 @@ class GlobalDrawBatchSampler:
         self.num_samples = num_samples
         self.global_batch = global_batch
         self.local_batch = global_batch // world_size
+        self.accum = accum
+        self.micro_batch = self.local_batch // accum
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
@@ -77,7 +84,8 @@ class GlobalDrawBatchSampler:
         self.start_batch = start_batch
 
     def __len__(self) -> int:
-        return self.num_samples // self.global_batch - self.start_batch
+        """Micro-batches this process will yield for the rest of the epoch."""
+        return (self.batches_per_epoch - self.start_batch) * self.accum
 
     @property
     def batches_per_epoch(self) -> int:
@@ -94,5 +102,8 @@ class GlobalDrawBatchSampler:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         draw = self.global_draw().tolist()
         for k in range(self.start_batch, self.batches_per_epoch):
-            lo = k * self.global_batch + self.rank * self.local_batch
-            yield [(draw[slot], _mix_seed(self.seed, self.epoch, slot)) for slot in range(lo, lo + self.local_batch)]
+            share = k * self.global_batch + self.rank * self.local_batch
+            for m in range(self.accum):
+                lo = share + m * self.micro_batch
+                slots = range(lo, lo + self.micro_batch)
+                yield [(draw[slot], _mix_seed(self.seed, self.epoch, slot)) for slot in slots]

@@ -13,12 +13,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from crnn_art.config import DataConfig
 
-UNKNOWN_NAMES = frozenset({"Unknown Artist", "Unknown Genre"})
+UNKNOWN_NAMES = frozenset({"Unknown Artist", "Unknown Genre", "Unknown Style"})
 SPLITS = ("train", "validation", "test")
 
 
@@ -26,8 +27,23 @@ class DataError(ValueError):
     """A problem with the data a run was pointed at; the message says what to change."""
 
 
-def open_source(cfg: DataConfig):
-    """Open ``cfg.source`` as one map-style ``datasets.Dataset`` (the demo is generated on first use)."""
+@dataclass
+class Source:
+    """A source opened for a run: the rows, and the splits the source itself defines (if any)."""
+
+    dataset: Any  # datasets.Dataset with columns image, artist, genre, style
+    splits: dict[str, np.ndarray] | None = None
+    """Row ids per split when the source has its own (ArtGAN lists, train/ validation/ test/ folders)."""
+    note: str = ""
+    """Something the user should know (e.g. listed files that are missing), printed at start."""
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def open_source(cfg: DataConfig) -> Source:
+    """Open ``cfg.source``: 'demo', 'artgan', a local folder (save_to_disk, prepared shards, parquet
+    files, or an image folder), a parquet file, or a Hub dataset id (``load_dataset``)."""
     import datasets
 
     source = cfg.source
@@ -35,29 +51,157 @@ def open_source(cfg: DataConfig):
         from crnn_art.demo_data import DemoParams, generate_demo
 
         params = DemoParams(cfg.demo_size, cfg.demo_image_side, cfg.demo_styles, cfg.demo_noise, cfg.demo_seed)
-        ds = datasets.load_from_disk(str(generate_demo(cfg.demo_dir, params)))
+        opened = Source(datasets.load_from_disk(str(generate_demo(cfg.demo_dir, params))))
+    elif source == "artgan":
+        opened = _artgan(cfg)
     elif os.path.isdir(source):
-        try:
-            ds = datasets.load_from_disk(source)
-        except FileNotFoundError as exc:
-            raise DataError(
-                f"data.source {source!r} is a folder but not a dataset written by save_to_disk; "
-                "point at such a folder, a Hub dataset id, or 'demo'"
-            ) from exc
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise DataError(f"{source!r} has splits {list(ds)} but no 'train' split")
-            ds = ds["train"]
+        opened = _local_folder(source, cfg)
+    elif source.endswith(".parquet"):
+        if not os.path.isfile(source):
+            raise DataError(f"data.source {source!r} does not exist")
+        opened = Source(datasets.load_dataset("parquet", data_files=source, split="train"))
     else:
+        if os.sep in source and not source.count("/") == 1:
+            raise DataError(f"data.source {source!r} is neither an existing folder nor a Hub id like owner/name")
         try:
-            ds = datasets.load_dataset(source, split="train", revision=cfg.revision)
-        except (ConnectionError, OSError, FileNotFoundError) as exc:
+            opened = Source(datasets.load_dataset(source, split="train", revision=cfg.revision))
+        except (ConnectionError, OSError, FileNotFoundError, ValueError) as exc:
             raise DataError(
-                f"cannot load data.source {source!r} from the Hugging Face Hub ({type(exc).__name__}); "
-                "check the dataset id and network, or use a local save_to_disk folder or data.source=demo"
+                f"cannot load data.source {source!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                "check the dataset id, data.revision and network, or use a local folder or data.source=demo"
             ) from exc
-    check_schema(ds, source)
-    return ds
+    check_schema(opened.dataset, source)
+    return opened
+
+
+def _local_folder(source: str, cfg: DataConfig) -> Source:
+    import datasets
+
+    root = Path(source)
+    if (root / "prepared.json").is_file():
+        from crnn_art.prepare import open_prepared
+
+        return open_prepared(root)
+    if (root / "state.json").is_file() or (root / "dataset_dict.json").is_file():
+        ds = datasets.load_from_disk(source)
+        if isinstance(ds, datasets.DatasetDict):
+            return _concatenate_splits(ds, source)
+        return Source(ds)
+    if list(root.glob("*.parquet")) or list(root.glob("data/*.parquet")):
+        # the Hub's file layout (data/train-0000x-of-0000n.parquet): the same load_dataset path as the Hub
+        return Source(datasets.load_dataset(source, split="train"))
+    return _image_folder(root, cfg)
+
+
+def _concatenate_splits(dsd, source: str) -> Source:
+    """A DatasetDict with its own splits: rows of train, then validation, then test, in one dataset."""
+    import datasets
+
+    names = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
+             "test": "test"}
+    parts, splits, offset = [], {}, 0
+    for key in dsd:
+        if key not in names:
+            raise DataError(f"{source!r} has a split {key!r}; crnn-art knows train, validation (or val), test")
+        parts.append(dsd[key])
+        splits[names[key]] = np.arange(offset, offset + len(dsd[key]))
+        offset += len(dsd[key])
+    if "train" not in splits:
+        raise DataError(f"{source!r} has splits {list(dsd)} but no 'train' split")
+    return Source(datasets.concatenate_datasets(parts), splits)
+
+
+def artist_from_filename(name: str) -> str | None:
+    """``vincent-van-gogh_starry-night-1889.jpg`` -> ``vincent-van-gogh`` (WikiArt's file naming)."""
+    stem = Path(name).stem
+    return stem.split("_", 1)[0] if "_" in stem else None
+
+
+def _dataset_from_files(paths: list[str], folder_labels: list[str], label_column: str, cfg: DataConfig,
+                        label_names: list[str] | None = None):
+    """Build the WikiArt schema over image files: the folder names label ``label_column``; the other
+    columns are unknown (or the artist from the file name with ``data.artist_from_filename``)."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    unknown = {"artist": "Unknown Artist", "genre": "Unknown Genre", "style": "Unknown Style"}
+    columns: dict[str, list] = {"image": paths}
+    features = {"image": ImageFeature()}
+    for column in ("artist", "genre", "style"):
+        if column == label_column:
+            names = label_names or sorted(set(folder_labels))
+            features[column] = ClassLabel(names=names)
+            columns[column] = [names.index(v) for v in folder_labels]
+        elif column == "artist" and cfg.artist_from_filename:
+            found = [artist_from_filename(p) for p in paths]
+            names = [unknown["artist"], *sorted({a for a in found if a})]
+            features[column] = ClassLabel(names=names)
+            columns[column] = [names.index(a) if a else 0 for a in found]
+        else:
+            features[column] = ClassLabel(names=[unknown[column]])
+            columns[column] = [0] * len(paths)
+    return Dataset.from_dict(columns, features=Features(features))
+
+
+def _image_folder(root: Path, cfg: DataConfig) -> Source:
+    """``root/<label>/<file>`` or ``root/train|validation|test/<label>/<file>``; the folder is the label
+    of ``data.folder_label`` (default: the task, or style for the combined task)."""
+    label_column = cfg.folder_label or ("style" if cfg.task == "combined" else cfg.task)
+    split_dirs = [d for d in ("train", "validation", "val", "test") if (root / d).is_dir()]
+    bases = [(root / d, {"val": "validation"}.get(d, d)) for d in split_dirs] or [(root, None)]
+    paths, labels, split_of = [], [], []
+    for base, split in bases:
+        for label_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+            for file in sorted(label_dir.rglob("*")):
+                if file.suffix.lower() in IMAGE_EXTENSIONS and file.is_file():
+                    paths.append(str(file))
+                    labels.append(label_dir.name)
+                    split_of.append(split)
+    if not paths:
+        raise DataError(
+            f"data.source {str(root)!r} holds no images in <label>/<file> folders (nor a dataset); "
+            "lay it out as root/<label>/<image> or root/train/<label>/<image>"
+        )
+    ds = _dataset_from_files(paths, labels, label_column, cfg)
+    if not split_dirs:
+        return Source(ds)
+    split_arr = np.array(split_of)
+    return Source(ds, {name: np.flatnonzero(split_arr == name) for name in SPLITS})
+
+
+def _artgan(cfg: DataConfig) -> Source:
+    """The ArtGAN protocol: ``<task>_train_clean.csv`` / ``<task>_val_clean.csv`` (``relative/path,label``)
+    and ``<task>_class.txt`` in ``data.lists_dir``, images under ``data.image_root``."""
+    import csv
+
+    if cfg.task == "combined":
+        raise DataError("the ArtGAN protocol has separate lists per task; use data.task style, genre or artist")
+    if not cfg.lists_dir or not cfg.image_root:
+        raise DataError("data.source=artgan needs data.lists_dir (the CSV lists) and data.image_root (the images)")
+    lists, root = Path(cfg.lists_dir), Path(cfg.image_root)
+    class_file = lists / f"{cfg.task}_class.txt"
+    if not class_file.is_file():
+        raise DataError(f"{class_file} is missing; data.lists_dir must hold the ArtGAN lists of the {cfg.task} task")
+    names = [line.split(maxsplit=1)[1].strip() for line in class_file.read_text().splitlines() if line.strip()]
+    paths, labels, splits, offset = [], [], {}, 0
+    for split, suffix in (("train", "train"), ("validation", "val")):
+        list_file = lists / f"{cfg.task}_{suffix}_clean.csv"
+        if not list_file.is_file():
+            raise DataError(f"{list_file} is missing from data.lists_dir")
+        with open(list_file, newline="") as fh:
+            rows = [(r[0], int(r[1])) for r in csv.reader(fh) if r]
+        paths += [str(root / rel) for rel, _ in rows]
+        labels += [names[label] for _, label in rows]
+        splits[split] = np.arange(offset, offset + len(rows))
+        offset += len(rows)
+    splits["test"] = np.arange(0)
+    present = sum(os.path.isfile(p) for p in paths)
+    if present == 0:
+        raise DataError(f"none of the {len(paths)} listed images exist under data.image_root={str(root)!r}")
+    ds = _dataset_from_files(paths, labels, cfg.task, cfg, label_names=names)
+    missing = len(paths) - present
+    note = f"{missing} of {len(paths)} listed images are missing under {root} (skipped)" if missing else ""
+    return Source(ds, splits, note)
 
 
 def check_schema(ds, source: str) -> None:
@@ -108,7 +252,9 @@ def task_labels(ds, heads: tuple[str, ...], cfg: DataConfig) -> TaskLabels:
         raw = np.asarray(ds.data.column(head).to_numpy(zero_copy_only=False), dtype=np.int64)
         counts = np.bincount(raw[raw >= 0], minlength=len(source_names))
         minimum = cfg.min_artist_count if head == "artist" else 1
-        keep = [i for i, n in enumerate(source_names) if n not in UNKNOWN_NAMES and counts[i] >= minimum]
+        allowed = _allowed_names(head, cfg)
+        keep = [i for i, n in enumerate(source_names)
+                if n not in UNKNOWN_NAMES and counts[i] >= minimum and (allowed is None or _norm(n) in allowed)]
         if len(keep) < 2:
             raise DataError(
                 f"head {head!r} has {len(keep)} usable class(es) in {cfg.source!r}; "
@@ -119,6 +265,19 @@ def task_labels(ds, heads: tuple[str, ...], cfg: DataConfig) -> TaskLabels:
         names[head] = [source_names[i] for i in keep]
         columns.append(np.where(raw >= 0, remap[np.clip(raw, 0, None)], -1))
     return TaskLabels(heads=heads, class_names=names, labels=np.stack(columns, axis=1))
+
+
+def _norm(name: str) -> str:
+    """ArtGAN writes ``Albrecht_Durer``, the Hub ``albrecht-durer``: compare them as the same."""
+    return name.strip().lower().replace("_", "-").replace(" ", "-")
+
+
+def _allowed_names(head: str, cfg: DataConfig) -> set[str] | None:
+    if head == "artist" and cfg.artist_list == "artgan":
+        from crnn_art.demo_data import ARTIST_NAMES
+
+        return {_norm(n) for n in ARTIST_NAMES[1:]}  # the 23 artists of the ArtGAN protocol
+    return None
 
 
 def _uniform_hash(rows: np.ndarray, seed: int) -> np.ndarray:
@@ -132,29 +291,36 @@ def _uniform_hash(rows: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def make_splits(num_rows: int, cfg: DataConfig, usable: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Train/validation/test row ids, decided per row by a hash of (split_seed, row id).
+def make_splits(num_rows: int, cfg: DataConfig, usable: np.ndarray | None = None,
+                predefined: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Train/validation/test row ids: the source's own splits if it has them, else a hash of
+    (split_seed, row id) per row.
 
-    A row's split depends on nothing but its id and the seed: not on the order rows are read in,
-    the number of processes, or whether the data is streamed, and it is the same for every task.
-    The Hub dataset is ordered by artist, so taking contiguous ranges would put whole artists in
-    one split; hashing spreads them.
+    A hashed row's split depends on nothing but its id and the seed: not on the order rows are
+    read in, the number of processes, or the task. The Hub dataset is ordered by artist, so taking
+    contiguous ranges would put whole artists in one split; hashing spreads them.
     """
-    rows = np.arange(num_rows)
-    u = _uniform_hash(rows, cfg.split_seed)
-    test_cut = cfg.test_fraction
-    val_cut = test_cut + cfg.val_fraction
-    split_of = np.where(u < test_cut, 2, np.where(u < val_cut, 1, 0))
     mask = np.ones(num_rows, dtype=bool)
     if usable is not None:
         mask[:] = False
         mask[usable] = True
-    out = {name: rows[(split_of == i) & mask] for i, name in enumerate(SPLITS)}
+    if predefined is not None:
+        out = {name: np.asarray(predefined.get(name, []), dtype=np.int64) for name in SPLITS}
+        out = {name: rows[mask[rows]] for name, rows in out.items()}
+        how = "the source's own splits"
+    else:
+        rows = np.arange(num_rows)
+        u = _uniform_hash(rows, cfg.split_seed)
+        test_cut = cfg.test_fraction
+        val_cut = test_cut + cfg.val_fraction
+        split_of = np.where(u < test_cut, 2, np.where(u < val_cut, 1, 0))
+        out = {name: rows[(split_of == i) & mask] for i, name in enumerate(SPLITS)}
+        how = f"fractions val={cfg.val_fraction}, test={cfg.test_fraction}"
     for name in ("train", "validation"):
         if len(out[name]) == 0:
             raise DataError(
-                f"the {name} split is empty ({num_rows} rows, fractions val={cfg.val_fraction}, "
-                f"test={cfg.test_fraction}); use more data or other fractions"
+                f"the {name} split is empty ({num_rows} rows, {how}); use more data or other fractions, "
+                "or give the source a validation/ folder"
             )
     return out
 

@@ -8,8 +8,10 @@ of the epoch's class-balanced draw) -> ``PaintingDataset`` (decode, augment with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from crnn_art.checkpoints import save_model_folder
+from crnn_art.checkpoints import (
+    CHECKPOINTS,
+    CheckpointError,
+    TrainState,
+    complete_checkpoints,
+    find_checkpoint,
+    save_checkpoint,
+    save_model_folder,
+)
 from crnn_art.config import RunConfig, save_config
 from crnn_art.evaluation import METRIC_KEYS, compute_metrics, predict, selection_score
 from crnn_art.loaders import PaintingDataset, eval_loader, train_loader
@@ -35,7 +46,7 @@ from crnn_art.mixing import BatchMixer, one_hot_targets, soft_target_loss
 from crnn_art.model import CRNNArtClassifier
 from crnn_art.runtime import make_accelerator
 from crnn_art.sampling import GlobalDrawBatchSampler, _mix_seed, balanced_weights
-from crnn_art.sources import make_splits, open_source, task_labels, write_splits
+from crnn_art.sources import DataError, make_splits, open_source, task_labels, write_splits
 from crnn_art.transforms import eval_resize, eval_transform, train_transform
 
 
@@ -80,40 +91,99 @@ def hold_frozen_stem(model: CRNNArtClassifier) -> None:
     model.stem_norm.eval()
 
 
-def train(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Run one training job; returns the final validation metrics (also in ``metrics.json``)."""
+class TrainingStopped(RuntimeError):
+    """The run stopped before its end on purpose (a signal); ``exit_code`` is what the CLI returns."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss; the last good checkpoint is untouched."""
+
+
+class StopRequests:
+    """SIGTERM (SLURM, Kubernetes) and SIGINT (Ctrl-C) ask the run to stop after the current step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequests:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """Dropout and mixing randomness of one optimizer step: a function of (seed, step, rank) only,
+    so that a resumed run draws exactly what the uninterrupted one drew."""
+    return _mix_seed(seed, 0x5EED, step, rank)
+
+
+def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> dict[str, Any]:
+    """Run one training job (or continue one with ``resume``: ``latest``, a checkpoint folder, or
+    ``auto`` = latest if the run has a checkpoint, else start).
+
+    Returns the final validation metrics (also in ``metrics.json``).
+    """
     t = cfg.train
-    accelerator = make_accelerator(t.mixed_precision)
+    out = Path(output_dir)
+    accelerator = make_accelerator(
+        t.mixed_precision,
+        log_with=None if t.log_with == "none" else t.log_with,
+        project_dir=str(out),
+    )
     is_main = accelerator.is_main_process
     console = Console(quiet=not is_main, highlight=False)
-    out = Path(output_dir)
     set_seed(t.seed)  # the same initial weights on every process
+    if resume == "auto":  # requeued jobs: continue if there is something to continue
+        resume = "latest" if complete_checkpoints(out / CHECKPOINTS) else None
+    resume_from = find_checkpoint(out, resume) if resume else None  # fail fast, before any data work
+    if resume_from is None and complete_checkpoints(out / CHECKPOINTS):
+        raise CheckpointError(
+            f"{out} already holds checkpoints of a run: continue it with --resume latest, "
+            "or give another --output-dir"
+        )
 
     # ---- data: source -> task labels -> split -> datasets -------------------------------------
-    with accelerator.main_process_first():  # the main process generates/downloads, the others reuse
-        source = open_source(cfg.data)
+    with accelerator.local_main_process_first():  # one process per machine generates/downloads first
+        opened = open_source(cfg.data)
+    source = opened.dataset
+    if opened.note:
+        console.print(f"[yellow]note:[/] {opened.note}")
     labels = task_labels(source, cfg.heads, cfg.data)
-    splits = make_splits(len(source), cfg.data, labels.known_rows())
+    splits = make_splits(len(source), cfg.data, labels.known_rows(), opened.splits)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         write_splits(splits, out / "split.json", cfg.data)
-        (out / "history.jsonl").write_text("")
     size = cfg.data.image_size
     train_side = max(eval_resize(size), math.ceil(size / math.sqrt(cfg.augment.crop_scale[0])))
     train_set = PaintingDataset(source, splits["train"], labels.labels, train_transform(size, cfg.augment), train_side)
     val_set = PaintingDataset(source, splits["validation"], labels.labels, eval_transform(size), eval_resize(size))
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    if t.batch_size % world:
-        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by {world} processes; "
-                         f"use a multiple of {world}")
     weights = balanced_weights(labels.labels[splits["train"]]) if t.balanced_sampling else None
-    sampler = GlobalDrawBatchSampler(len(train_set), t.batch_size, rank, world, t.seed, weights)
+    try:
+        sampler = GlobalDrawBatchSampler(len(train_set), t.batch_size, rank, world, t.seed, weights,
+                                         accum=t.grad_accum_steps)
+    except ValueError as exc:
+        raise DataError(str(exc)) from exc
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = t.epochs * steps_per_epoch
 
-    # ---- model and optimiser -------------------------------------------------------------------
+    # ---- model, optimiser, schedule, EMA -------------------------------------------------------
     model = CRNNArtClassifier(
         heads=labels.num_classes,
         class_names=labels.class_names,
@@ -131,8 +201,25 @@ def train(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     # train.max_steps stops early without changing it, so a stopped run can be resumed exactly.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=t.min_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
+    ema = None
+    if t.ema_decay is not None:
+        ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
     loader = train_loader(train_set, sampler, cfg.data.num_workers)
     val_loader = accelerator.prepare(eval_loader(val_set, t.eval_batch_size, cfg.data.num_workers))
+
+    # ---- state: what a checkpoint holds besides weights, optimizer, scaler and RNG -----------------
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state, *([ema] if ema is not None else []))
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        console.print(f"resumed from {resume_from}: epoch {state.epoch}, {state.batch} of {steps_per_epoch} "
+                      f"batches done, step {state.step}")
+    if is_main:
+        _keep_history_before(out / "history.jsonl", state.epoch)
+    if accelerator.log_with:
+        state.tracker_run_id = state.tracker_run_id or f"{out.name}-{int(time.time())}"
+        accelerator.init_trackers(t.project_name, config=_flat(cfg.to_dict()),
+                                  init_kwargs={"wandb": {"id": state.tracker_run_id, "resume": "allow"}})
 
     mixer = BatchMixer(cfg.augment)
     head_sizes = labels.num_classes
@@ -140,90 +227,213 @@ def train(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
         f"[bold]crnn-art[/] task={cfg.data.task} heads={head_sizes} source={cfg.data.source} "
         f"train={len(train_set)} val={len(val_set)} test={len(splits['test'])} | "
         f"{world} process(es) on {accelerator.device}, precision={accelerator.mixed_precision} | "
-        f"batch {t.batch_size} ({t.batch_size // world}/process), {steps_per_epoch} steps/epoch, "
-        f"{t.epochs} epochs"
+        f"batch {t.batch_size} ({sampler.local_batch}/process"
+        + (f" in {t.grad_accum_steps} micro-batches" if t.grad_accum_steps > 1 else "")
+        + f"), {steps_per_epoch} steps/epoch, {t.epochs} epochs"
     )
 
     # ---- epochs -------------------------------------------------------------------------------
-    step, best_score, best_metrics, metrics = 0, -math.inf, None, {}
-    stop = False
-    with make_progress(console, is_main) as progress:
-        for epoch in range(1, t.epochs + 1):
+    metrics: dict[str, Any] = {}
+    bad_in_row = 0
+    stop_reason = None
+    with StopRequests() as stops, make_progress(console, is_main) as progress:
+        for epoch in range(state.epoch, t.epochs + 1):
             frozen = not stem_trainable(cfg, epoch)
-            sampler.set_epoch(epoch)
+            sampler.set_epoch(epoch, start_batch=state.batch if epoch == state.epoch else 0)
+            state.epoch, state.batch = epoch, sampler.start_batch
             model.train()
             if frozen:
                 hold_frozen_stem(raw_model)
-            task = progress.add_task(f"epoch {epoch}/{t.epochs}", total=steps_per_epoch, status="")
+            task = progress.add_task(f"epoch {epoch}/{t.epochs}", total=steps_per_epoch, completed=state.batch,
+                                     status="")
             loss_sum = torch.zeros((), device=accelerator.device)
-            seen, t0 = 0, time.perf_counter()
-            for batch in loader:
-                images = batch["image"].to(accelerator.device, non_blocking=True)
-                targets = one_hot_targets(batch["labels"], list(head_sizes.values())).to(accelerator.device)
-                images, targets, _ = mixer(images, targets, _mix_seed(t.seed, step, rank))
-                with accelerator.autocast():
-                    output = model(images)
-                    loss, _ = soft_target_loss(output.logits, targets, head_sizes, t.label_smoothing)
-                accelerator.backward(loss)
-                if frozen:
-                    for p in raw_model.stem_parameters():
-                        p.grad = None
-                if t.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-                optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss_sum += loss.detach()
-                seen += 1
-                if step % t.log_every == 0 or seen == 1:
-                    progress.update(task, status=f"loss {loss.item():.3f} lr {scheduler.get_last_lr()[1]:.2e}")
+            seen, skipped, t0 = 0, 0, time.perf_counter()
+            batches = iter(loader)
+            while state.batch < steps_per_epoch:
+                # one optimizer step = grad_accum_steps micro-batches on every process
+                torch.manual_seed(_step_seed(t.seed, state.step, rank))
+                step_loss = torch.zeros((), device=accelerator.device)
+                finite = True
+                for micro in range(t.grad_accum_steps):
+                    batch = next(batches)
+                    skipped += int(batch["skipped"])
+                    if len(batch["row"]) == 0:
+                        raise DataError(
+                            f"all {sampler.micro_batch} images of a batch failed to decode (step {state.step}); "
+                            "check that the source's image files are readable"
+                        )
+                    images = batch["image"].to(accelerator.device, non_blocking=True)
+                    targets = one_hot_targets(batch["labels"], list(head_sizes.values())).to(accelerator.device)
+                    images, targets, _ = mixer(images, targets, _mix_seed(t.seed, state.step, micro, rank))
+                    last_micro = micro == t.grad_accum_steps - 1
+                    with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
+                        with accelerator.autocast():
+                            output = model(images)
+                            loss, _ = soft_target_loss(output.logits, targets, head_sizes, t.label_smoothing)
+                        finite = finite and bool(torch.isfinite(loss))
+                        accelerator.backward(loss / t.grad_accum_steps)
+                    step_loss += loss.detach() / t.grad_accum_steps
+                # every process learns whether any process saw a non-finite loss or a stop signal
+                flags = accelerator.reduce(torch.tensor([float(not finite), float(stops.signal is not None)],
+                                                        device=accelerator.device), reduction="sum")
+                if flags[0] > 0:
+                    optimizer.zero_grad(set_to_none=True)
+                    bad_in_row += 1
+                    state.nonfinite_steps += 1
+                    if bad_in_row >= t.max_bad_steps:
+                        raise NonFiniteLoss(
+                            f"{bad_in_row} consecutive steps had a non-finite loss (step {state.step}); the last good "
+                            f"checkpoint in {out / CHECKPOINTS} is intact: lower train.lr or use "
+                            "train.mixed_precision=no, then resume with --resume latest"
+                        )
+                else:
+                    bad_in_row = 0
+                    if frozen:
+                        for p in raw_model.stem_parameters():
+                            p.grad = None
+                    if t.grad_clip > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+                    optimizer.step()
+                    if accelerator.optimizer_step_was_skipped:
+                        state.scaler_skips += 1  # fp16 loss scaling found inf gradients and lowered the scale
+                    else:
+                        scheduler.step()
+                        if ema is not None:
+                            ema.update_parameters(raw_model)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_sum += step_loss
+                    seen += 1
+                state.step += 1
+                state.batch += 1
                 progress.advance(task)
-                if t.max_steps is not None and step >= t.max_steps:
-                    stop = True
+                if state.step % t.log_every == 0 or seen == 1:
+                    lr = scheduler.get_last_lr()
+                    progress.update(task, status=f"loss {step_loss.item():.3f} lr {lr[1]:.2e}")
+                    accelerator.log({"train/loss": step_loss.item(), "train/lr": lr[1], "train/backbone_lr": lr[0],
+                                     "train/images_per_s": seen * t.batch_size / max(time.perf_counter() - t0, 1e-9)},
+                                    step=state.step)
+                if flags[1] > 0:
+                    stop_reason = "signal"
                     break
+                if t.max_steps is not None and state.step >= t.max_steps:
+                    stop_reason = "max_steps"
+                    break
+                if t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0 \
+                        and state.batch < steps_per_epoch:
+                    save_checkpoint(accelerator, out, state, t.keep_last)
             elapsed = time.perf_counter() - t0
             progress.remove_task(task)
+            del batches
+            epoch_done = state.batch >= steps_per_epoch
+            if stop_reason == "signal" or (stop_reason == "max_steps" and not epoch_done):
+                save_checkpoint(accelerator, out, state, t.keep_last)  # before evaluating: resume starts here
+            if stop_reason == "signal":
+                break
             train_loss = float(accelerator.reduce(loss_sum / max(seen, 1), reduction="mean"))
+            skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), reduction="sum"))
 
             metrics = compute_metrics(predict(model, val_loader, accelerator, cfg.heads, progress), cfg.heads)
-            metrics["epoch"] = epoch
-            metrics["step"] = step
+            metrics.update(epoch=epoch, step=state.step)
+            ema_metrics = None
+            if ema is not None:
+                ema_metrics = compute_metrics(predict(ema.module, val_loader, accelerator, cfg.heads, progress),
+                                              cfg.heads)
             score = selection_score(metrics, cfg.heads)
-            record = {
-                "epoch": epoch, "step": step, "train_loss": train_loss,
-                "lr": scheduler.get_last_lr()[1], "backbone_lr": scheduler.get_last_lr()[0],
-                "images_per_s": seen * t.batch_size / max(elapsed, 1e-9), "epoch_seconds": elapsed,
-                "stem_frozen": frozen, "processes": world,
-                "val": {k: v for k, v in metrics.items() if k not in ("epoch", "step")},
-            }
-            improved = score > best_score
+            improved = epoch_done and score > state.best_score
             if improved:
-                best_score, best_metrics = score, dict(metrics)
+                state.best_score = score
+            lr = scheduler.get_last_lr()
+            record = {
+                "epoch": epoch, "step": state.step, "train_loss": train_loss, "lr": lr[1], "backbone_lr": lr[0],
+                "images_per_s": seen * t.batch_size / max(elapsed, 1e-9), "epoch_seconds": elapsed,
+                "stem_frozen": frozen, "processes": world, "skipped_train": skipped,
+                "nonfinite_steps": state.nonfinite_steps, "scaler_skips": state.scaler_skips,
+                "partial": not epoch_done,
+                "val": {k: v for k, v in metrics.items() if k not in ("epoch", "step")},
+                **({"val_ema": ema_metrics} if ema_metrics else {}),
+            }
+            accelerator.log({f"val/{k}": metrics[k] for k in METRIC_KEYS} | {"train/epoch_loss": train_loss}
+                            | ({f"val_ema/{k}": ema_metrics[k] for k in METRIC_KEYS} if ema_metrics else {}),
+                            step=state.step)
             accelerator.wait_for_everyone()
             if is_main:
                 with open(out / "history.jsonl", "a") as fh:
                     fh.write(json.dumps(record) + "\n")
                 unwrapped = accelerator.unwrap_model(model)
-                info = {"epoch": epoch, "step": step, "metrics": metrics, "task": cfg.data.task}
+                info = {"epoch": epoch, "step": state.step, "metrics": metrics, "task": cfg.data.task}
                 save_model_folder(unwrapped, out / "last", info)
                 if improved:
                     save_model_folder(unwrapped, out / "best", info)
-            accelerator.wait_for_everyone()
+                if ema is not None:
+                    save_model_folder(ema.module, out / "last_ema", {**info, "metrics": ema_metrics, "ema": True})
+            if epoch_done:
+                state.epoch, state.batch = epoch + 1, 0
+                if improved:
+                    state.best_step = state.step
+                save_checkpoint(accelerator, out, state, t.keep_last)
             console.print(_summary_line(epoch, t.epochs, record, metrics, improved))
-            if stop:
-                console.print(f"stopped after {step} optimizer steps (train.max_steps={t.max_steps})")
+            if stop_reason == "max_steps":
+                console.print(f"stopped after {state.step} optimizer steps (train.max_steps={t.max_steps}); "
+                              "continue with --resume latest")
                 break
 
+    if stop_reason == "signal":
+        name = signal.Signals(stops.signal).name
+        accelerator.end_training()
+        raise TrainingStopped(
+            f"stopped by {name} at step {state.step} (epoch {state.epoch}, batch {state.batch}/{steps_per_epoch}); "
+            f"checkpoint saved: continue with the same command plus --resume latest --output-dir {out}",
+            exit_code=128 + int(stops.signal),
+        )
     final = dict(metrics)
-    final["best"] = best_metrics
     if is_main:
+        final["best"] = _best_from_history(out / "history.jsonl", cfg.heads)
         (out / "metrics.json").write_text(json.dumps(final, indent=2))
         console.print(metrics_table(final, cfg.heads))
-        console.print(f"run saved in {out}/: best/, last/, metrics.json, history.jsonl, config.yaml, split.json")
+        console.print(f"run saved in {out}/: best/, last/, metrics.json, history.jsonl, config.yaml, split.json, "
+                      f"{CHECKPOINTS}/")
+    accelerator.wait_for_everyone()
+    if is_main and cfg.hub.push_to_hub:
+        from crnn_art.hub import push
+
+        url = push(out, cfg.hub.push_to_hub, private=cfg.hub.private, revision=cfg.hub.revision)
+        console.print(f"pushed to the Hub: {url}")
     accelerator.end_training()
     return final
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``, lists as strings: what trackers accept as hparams."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value) if isinstance(value, list) or value is None else value
+    return flat
+
+
+def _keep_history_before(path: Path, epoch: int) -> None:
+    """On (re)start, keep only whole epochs before the one in progress (drops a stopped run's partial line)."""
+    if not path.is_file():
+        path.write_text("")
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] < epoch and not json.loads(line).get("partial")]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _best_from_history(path: Path, heads: tuple[str, ...]) -> dict[str, Any] | None:
+    """The best whole epoch's validation metrics (a resumed run did not see the earlier epochs itself)."""
+    best = None
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("partial"):
+            continue
+        metrics = {**record["val"], "epoch": record["epoch"], "step": record["step"]}
+        if best is None or selection_score(metrics, heads) > selection_score(best, heads):
+            best = metrics
+    return best
 
 
 def _summary_line(epoch: int, epochs: int, record: dict, metrics: dict, improved: bool) -> str:
@@ -233,7 +443,10 @@ def _summary_line(epoch: int, epochs: int, record: dict, metrics: dict, improved
         f"top1 {metrics['top1']:.1f} top5 {metrics['top5']:.1f} macroF1 {metrics['macro_f1']:.1f} "
         f"weightedF1 {metrics['weighted_f1']:.1f}"
         + (f" joint {metrics['joint_exact_match']:.1f}" if "joint_exact_match" in metrics else "")
-        + f" | lr {record['lr']:.2e} | {record['images_per_s']:.0f} img/s | {record['epoch_seconds']:.0f} s{mark}"
+        + f" | lr {record['lr']:.2e} | {record['images_per_s']:.0f} img/s | {record['epoch_seconds']:.0f} s"
+        + (f" | skipped {record['skipped_train']} train, {metrics['skipped']} val undecodable"
+           if record["skipped_train"] or metrics.get("skipped") else "")
+        + mark
     )
 
 
