@@ -1,0 +1,143 @@
+"""Publish and use: Hub-ready folders, the model card, push (against a stand-in HfApi), predict, safe loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from crnn_art import CRNNArtClassifier, ModelLoadError, predict
+from crnn_art.checkpoints import load_model_folder, save_model_folder
+from crnn_art.cli import main as cli_main
+from tests.conftest import run_cli, tiny_overrides
+from tests.standins.odd_images import odd_images, painting
+
+TOKEN = "hf_SENTINELtokenNEVERwritten0123456789"
+
+
+class StandInHub:
+    """Records what crnn-art sends at the HfApi boundary; keeps a copy of the uploaded folder."""
+
+    def __init__(self, keep: Path) -> None:
+        self.calls: list[tuple[str, dict]] = []
+        self.keep = keep
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        self.calls.append(("upload_folder", {"repo_id": repo_id, **kwargs}))
+        shutil.copytree(folder_path, self.keep, dirs_exist_ok=True)
+
+        class Commit:
+            commit_url = f"https://huggingface.co/{repo_id}/commit/0"
+
+        return Commit()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_dir):
+    run = tmp_path_factory.mktemp("runs") / "pub"
+    run_cli(["train", "--output-dir", str(run), *tiny_overrides(demo_dir, train__epochs=1)],
+            env={"HF_TOKEN": TOKEN})
+    run_cli(["evaluate", "--checkpoint", str(run), "--split", "test"], env={"HF_TOKEN": TOKEN})
+    return run
+
+
+def _no_token_anywhere(*roots: Path) -> None:
+    for root in roots:
+        for f in root.rglob("*"):
+            if f.is_file():
+                assert TOKEN.encode() not in f.read_bytes(), f
+
+
+def test_push_sends_model_card_and_reports_and_never_the_token(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub = StandInHub(tmp_path / "repo")
+    monkeypatch.setattr("crnn_art.hub.HfApi", lambda: hub)
+    code = cli_main(["push", "--checkpoint", str(trained), "--repo-id", "someone/crnn-demo", "--private",
+                     "--revision", "v1"])
+    assert code == 0
+    names = [c[0] for c in hub.calls]
+    assert names == ["create_repo", "create_branch", "upload_folder"]
+    assert hub.calls[0][1]["private"] is True and hub.calls[2][1]["revision"] == "v1"
+    sent = {p.name for p in (tmp_path / "repo").iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "confusion_matrix.png", "metrics.json"} <= sent
+    card = ModelCard.load(tmp_path / "repo" / "README.md")
+    meta = card.data.to_dict()
+    assert meta["library_name"] == "crnn-art" and meta["pipeline_tag"] == "image-classification"
+    assert meta["license"] == "mit" and "model-index" in meta
+    results = meta["model-index"][0]["results"]
+    top1 = [r for r in results if r["metrics"][0]["type"] == "top1"]
+    assert top1 and top1[0]["metrics"][0]["value"] == pytest.approx(
+        json.loads((trained / "eval_test" / "metrics.json").read_text())["top1"], abs=1e-3)
+    assert "## Limits" in card.text and "copyright" in card.text.lower() and "from_pretrained" in card.text
+    loaded = CRNNArtClassifier.from_pretrained(str(tmp_path / "repo"))
+    assert loaded.class_names == load_model_folder(trained).class_names
+    out = capsys.readouterr()
+    assert TOKEN not in out.out + out.err
+    _no_token_anywhere(trained, tmp_path / "repo")
+
+
+def test_push_at_the_end_of_training(tmp_path, demo_dir, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub = StandInHub(tmp_path / "repo")
+    monkeypatch.setattr("crnn_art.hub.HfApi", lambda: hub)
+    run = tmp_path / "run"
+    code = cli_main(["train", "--output-dir", str(run), *tiny_overrides(demo_dir, train__max_steps=3),
+                     "--set", "hub.push_to_hub=someone/at-end"])
+    assert code == 0 and [c[0] for c in hub.calls] == ["create_repo", "upload_folder"]
+    assert (tmp_path / "repo" / "model.safetensors").is_file()
+    _no_token_anywhere(run, tmp_path / "repo")
+
+
+def test_predict_cli_json_on_a_folder_with_a_broken_file(trained, tmp_path):
+    folder = tmp_path / "images"
+    (folder / "nested").mkdir(parents=True)
+    painting(60, 1).save(folder / "a.jpg")
+    painting(50, 2).save(folder / "nested" / "b.png")
+    (folder / "broken.jpg").write_bytes(odd_images(huge=False)["truncated.jpg"][0])
+    result = run_cli(["predict", "--model", str(trained), str(folder), "--json", "--top-k", "2",
+                      "--heatmaps", str(tmp_path / "maps")])
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(r["image"]).name for r in lines] == ["a.jpg", "broken.jpg", "b.png"]
+    good = [r for r in lines if "error" not in r]
+    assert len(good) == 2 and all(len(r["predictions"]["style"]) == 2 for r in good)
+    assert all(abs(sum(p["score"] for p in r["predictions"]["style"])) <= 1.0001 for r in good)
+    assert "broken.jpg" in result.stderr and "1 of 3 files could not be read" in result.stderr
+    assert Image.open(tmp_path / "maps" / "a_attention.png").size == (32, 32)
+
+
+def test_predict_python_api_and_text_list(trained, tmp_path):
+    painting(40, 3).save(tmp_path / "c.jpg")
+    (tmp_path / "list.txt").write_text("c.jpg\n# a comment\n")
+    results = predict(str(trained), [tmp_path / "list.txt"], top_k=1)
+    assert len(results) == 1 and results[0]["predictions"]["style"][0]["label"] in \
+        load_model_folder(trained).class_names["style"]
+
+
+def test_altered_or_mismatched_weights_are_refused(tmp_path):
+    torch.manual_seed(0)
+    model = CRNNArtClassifier(heads={"style": 3})
+    folder = save_model_folder(model, tmp_path / "m", {})
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # flip bits inside a tensor: the file still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="altered"):
+        load_model_folder(folder)
+    other = save_model_folder(model, tmp_path / "o", {})
+    config = json.loads((other / "config.json").read_text())
+    config["heads"] = {"style": 4}
+    config["class_names"]["style"].append("extra")
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="does not fit"):
+        CRNNArtClassifier.from_pretrained(str(other))
