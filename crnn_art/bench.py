@@ -1,0 +1,316 @@
+"""``crnn-art bench``: speed and memory of the model and the input pipeline, measured in one run.
+
+Every figure compares two things on the same machine in the same process, so ratios hold even
+where absolute numbers depend on the hardware:
+
+- training step time of the CRNN vs a bare torchvision ResNet-50 classifier (same size, batch,
+  precision, memory format) -> the CRNN/ResNet-50 time ratio (target <= 1.10 at 224 px);
+- evaluation images/s;
+- input pipeline images/s in one process: the seed's pipeline (full PIL decode of a 1600x1280 JPEG,
+  torchvision v1 transforms at 384) vs crnn-art's (draft-mode decode, v2 transforms) on the same
+  originals and on 512 px prepared images (target >= 4x the seed's), and the full DataLoader with N workers;
+- outlier scoring of 80,000 x 3,072 embeddings over 27 classes (target < 5 s on a 2-core CPU);
+- peak memory of each (CUDA: allocator peak; CPU: resident-set peak).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TARGETS = {"crnn_vs_resnet50_step_time": 1.10, "pipeline_speedup_vs_seed": 4.0, "outlier_scoring_seconds": 5.0}
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # Linux: reset the resident-set high-water mark
+        except OSError:
+            pass
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _timed(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call (median of ``steps`` after ``warmup``)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_training(device: torch.device, size: int, batch: int, steps: int, precision: str,
+                   channels_last: bool) -> dict[str, Any]:
+    """Train-step time of the CRNN and of a bare ResNet-50 (27 classes), same settings."""
+    from torchvision.models import resnet50
+
+    from crnn_art.model import CRNNArtClassifier
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=fmt)
+    y = torch.randint(0, 27, (batch,), device=device)
+    results: dict[str, Any] = {}
+    for name, net, logits_of in (
+        ("crnn", CRNNArtClassifier(heads={"style": 27}), lambda out: out.logits["style"]),
+        ("resnet50", resnet50(num_classes=27), lambda out: out),
+    ):
+        net = net.to(device).to(memory_format=fmt).train()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+        def step(net=net, opt=opt, scaler=scaler, logits_of=logits_of) -> None:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(logits_of(net(x)).float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+        _reset_peak(device)
+        seconds = _timed(step, steps, warmup=2, device=device)
+        results[name] = {"step_s": seconds, "images_per_s": batch / seconds, "peak_mb": _peak_mb(device)}
+        if name == "crnn":
+            net.eval()
+            with torch.no_grad():
+                def infer(net=net) -> None:
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        net(x)
+
+                _reset_peak(device)
+                eval_s = _timed(infer, steps, warmup=1, device=device)
+            results["eval"] = {"images_per_s": batch / eval_s, "peak_mb": _peak_mb(device)}
+        del net, opt
+    results["ratio"] = results["crnn"]["step_s"] / results["resnet50"]["step_s"]
+    return results
+
+
+def _large_jpegs(n: int, w: int = 1600, h: int = 1280) -> list[bytes]:
+    """Painting-like originals: smooth colour fields with texture (compress like real scans)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = np.stack([np.sin(xx / (40 + 10 * i) + c) * np.cos(yy / (55 + 7 * c)) for c in range(3)], -1)
+        noise = rng.normal(0, 0.15, (h, w, 3)).astype(np.float32)
+        arr = ((base + noise) * 60 + 128).clip(0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(arr).save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def _shrink(data: bytes, short_side: int = 512) -> bytes:
+    from crnn_art.prepare import _resize_jpeg
+
+    resized, _ = _resize_jpeg({"bytes": data, "path": None}, short_side, 90)
+    return resized
+
+
+def bench_pipeline(n_images: int, workers: int, size: int = 384) -> dict[str, Any]:
+    """Decode + train transform images/s in one process (seed vs ours), and the DataLoader with workers."""
+    from PIL import Image
+    from torchvision import transforms as v1
+
+    from crnn_art.config import AugmentConfig
+    from crnn_art.decoding import decode_image
+    from crnn_art.transforms import eval_resize, train_transform
+
+    originals = _large_jpegs(n_images)
+    prepared = [_shrink(d) for d in originals]
+    seed = v1.Compose([
+        v1.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15)), v1.RandomHorizontalFlip(),
+        v1.ColorJitter(0.12, 0.12, 0.10, 0.03), v1.ToTensor(),
+        v1.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), v1.RandomErasing(p=0.2),
+    ])
+    ours = train_transform(size, AugmentConfig())
+    min_side = max(eval_resize(size), int(np.ceil(size / np.sqrt(0.7))))
+
+    def rate(fn: Callable[[bytes], Any], images: list[bytes]) -> float:
+        fn(images[0])
+        start = time.perf_counter()
+        for data in images:
+            fn(data)
+        return len(images) / (time.perf_counter() - start)
+
+    cpu = torch.device("cpu")
+    _reset_peak(cpu)
+    seed_rate = rate(lambda d: seed(Image.open(io.BytesIO(d)).convert("RGB")), originals)
+    ours_rate = rate(lambda d: ours(decode_image({"bytes": d, "path": None}, min_side)), originals)
+    prepared_rate = rate(lambda d: ours(decode_image({"bytes": d, "path": None}, min_side)), prepared)
+    result = {
+        "seed_images_per_s": seed_rate, "draft_decode_images_per_s": ours_rate,
+        "prepared_512_images_per_s": prepared_rate, "speedup_draft": ours_rate / seed_rate,
+        "speedup_prepared": prepared_rate / seed_rate, "peak_mb": _peak_mb(cpu),
+        "loader_workers": workers, "loader_images_per_s": _loader_rate(prepared, workers, size),
+    }
+    return result
+
+
+def _loader_rate(prepared: list[bytes], workers: int, size: int) -> float:
+    """The real training DataLoader (PaintingDataset + GlobalDrawBatchSampler) over prepared images."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    from crnn_art.config import AugmentConfig
+    from crnn_art.loaders import PaintingDataset, train_loader
+    from crnn_art.sampling import GlobalDrawBatchSampler
+    from crnn_art.transforms import eval_resize, train_transform
+
+    reps = max(1, 256 // len(prepared))
+    cells = [{"bytes": d, "path": None} for d in prepared] * reps
+    ds = Dataset.from_dict(
+        {"image": cells, "artist": [0] * len(cells), "genre": [0] * len(cells), "style": [0] * len(cells)},
+        features=Features({"image": ImageFeature(), "artist": ClassLabel(names=["a"]),
+                           "genre": ClassLabel(names=["g"]), "style": ClassLabel(names=["s"])}),
+    )
+    labels = np.zeros((len(cells), 1), dtype=np.int64)
+    dataset = PaintingDataset(ds, np.arange(len(cells)), labels, train_transform(size, AugmentConfig()),
+                              eval_resize(size))
+    sampler = GlobalDrawBatchSampler(len(cells), 16, 0, 1, seed=0)
+    loader = train_loader(dataset, sampler, workers)
+    start, n = time.perf_counter(), 0
+    for batch in loader:
+        n += len(batch["row"])
+    return n / (time.perf_counter() - start)
+
+
+def bench_outliers(n: int = 80_000, dim: int = 3072, classes: int = 27) -> dict[str, Any]:
+    from crnn_art.outliers import centroids_from_sums, class_sums, score_head
+
+    gen = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(n, dim, generator=gen), dim=1)
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    logits = torch.randn(n, classes, generator=gen)
+    cpu = torch.device("cpu")
+    _reset_peak(cpu)
+    start = time.perf_counter()
+    sums, counts = class_sums(z, labels, classes)
+    scored = score_head("style", z, logits, labels, torch.arange(n), centroids_from_sums(sums, counts))
+    seconds = time.perf_counter() - start
+    assert len(scored) == n
+    return {"samples": n, "dim": dim, "classes": classes, "seconds": seconds, "peak_mb": _peak_mb(cpu)}
+
+
+def crnn_train_flops(size: int) -> float:
+    """FLOPs of one CRNN training step per image (forward + backward), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from crnn_art.model import CRNNArtClassifier
+
+    net = CRNNArtClassifier(heads={"style": 27})
+    x = torch.randn(1, 3, size, size)
+    with FlopCounterMode(display=False) as counter:
+        net(x).logits["style"].sum().backward()
+    return float(counter.get_total_flops())
+
+
+def run_bench(device: str = "cpu", size: int = 224, batch: int = 16, steps: int = 5, precision: str = "no",
+              pipeline_images: int = 24, workers: int | None = None, channels_last: bool | None = None,
+              quick: bool = False, peak_tflops: float | None = None) -> dict[str, Any]:
+    dev = torch.device(device)
+    if quick:
+        steps, pipeline_images = 2, 6
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    layouts = [channels_last] if channels_last is not None else [False, True]
+    report: dict[str, Any] = {
+        "machine": {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                    "cpu_cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "settings": {"image_size": size, "batch": batch, "steps": steps, "precision": precision},
+        "training": {},
+        "targets": TARGETS,
+    }
+    for cl in layouts:
+        report["training"]["channels_last" if cl else "contiguous"] = bench_training(dev, size, batch, steps,
+                                                                                     precision, cl)
+    report["pipeline"] = bench_pipeline(pipeline_images, workers)
+    report["outliers"] = bench_outliers()
+    best = min(report["training"].values(), key=lambda r: r["crnn"]["step_s"])
+    report["summary"] = {
+        "crnn_vs_resnet50_step_time": best["ratio"],
+        "pipeline_speedup_vs_seed": max(report["pipeline"]["speedup_draft"], report["pipeline"]["speedup_prepared"]),
+        "outlier_scoring_seconds": report["outliers"]["seconds"],
+    }
+    if peak_tflops:
+        flops = crnn_train_flops(size) * best["crnn"]["images_per_s"]
+        report["summary"]["model_flop_utilisation"] = flops / (peak_tflops * 1e12)
+        report["summary"]["achieved_tflops"] = flops / 1e12
+    report["meets_targets"] = {
+        "crnn_vs_resnet50_step_time": report["summary"]["crnn_vs_resnet50_step_time"] <= TARGETS[
+            "crnn_vs_resnet50_step_time"],
+        "pipeline_speedup_vs_seed": report["summary"]["pipeline_speedup_vs_seed"] >= TARGETS[
+            "pipeline_speedup_vs_seed"],
+        "outlier_scoring_seconds": report["summary"]["outlier_scoring_seconds"] < TARGETS["outlier_scoring_seconds"],
+    }
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    s = report["settings"]
+    table = Table(title=f"crnn-art bench on {report['machine']['device']} ({report['machine']['cpu_cores']} cores), "
+                        f"{s['image_size']} px, batch {s['batch']}, precision {s['precision']}")
+    table.add_column("what")
+    table.add_column("figure", justify="right")
+    table.add_column("peak MB", justify="right")
+    for layout, r in report["training"].items():
+        table.add_row(f"train step CRNN ({layout})", f"{r['crnn']['images_per_s']:.1f} img/s",
+                      f"{r['crnn']['peak_mb']:.0f}")
+        table.add_row(f"train step ResNet-50 ({layout})", f"{r['resnet50']['images_per_s']:.1f} img/s",
+                      f"{r['resnet50']['peak_mb']:.0f}")
+        table.add_row(f"  CRNN / ResNet-50 step time ({layout})", f"{r['ratio']:.3f}x", "")
+        table.add_row(f"evaluation CRNN ({layout})", f"{r['eval']['images_per_s']:.1f} img/s",
+                      f"{r['eval']['peak_mb']:.0f}")
+    p = report["pipeline"]
+    table.add_row("pipeline: seed (PIL full decode 1600x1280 + v1 @384)", f"{p['seed_images_per_s']:.1f} img/s", "")
+    table.add_row("pipeline: crnn-art (draft decode + v2)", f"{p['draft_decode_images_per_s']:.1f} img/s "
+                  f"({p['speedup_draft']:.2f}x)", "")
+    table.add_row("pipeline: crnn-art on 512 px prepared", f"{p['prepared_512_images_per_s']:.1f} img/s "
+                  f"({p['speedup_prepared']:.2f}x)", f"{p['peak_mb']:.0f}")
+    table.add_row(f"DataLoader, {p['loader_workers']} workers, prepared", f"{p['loader_images_per_s']:.1f} img/s", "")
+    o = report["outliers"]
+    table.add_row(f"outlier scoring {o['samples']:,} x {o['dim']}, {o['classes']} classes", f"{o['seconds']:.2f} s",
+                  f"{o['peak_mb']:.0f}")
+    console.print(table)
+    if "model_flop_utilisation" in report["summary"]:
+        console.print(f"model FLOP utilisation: {100 * report['summary']['model_flop_utilisation']:.1f} % "
+                      f"({report['summary']['achieved_tflops']:.1f} TFLOP/s)")
+    for key, ok in report["meets_targets"].items():
+        mark = "[green]meets[/]" if ok else "[red]misses[/]"
+        console.print(f"{key}: {report['summary'][key]:.3f} (target {TARGETS[key]}) {mark}")
+
