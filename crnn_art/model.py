@@ -219,6 +219,8 @@ class CRNNArtClassifier(
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> CRNNOutput:
+        if self.trunk[0].weight.is_contiguous(memory_format=torch.channels_last):
+            images = images.contiguous(memory_format=torch.channels_last)  # follow the model's layout
         fmap = self.trunk(images)
         global_desc = fmap.mean(dim=(2, 3))
         proj = self.proj(fmap)

@@ -59,11 +59,12 @@ class Scored:
 
 
 def class_sums(z: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class sums of normalised embeddings and counts (what processes all-reduce)."""
-    sums = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, device=z.device)
-    sums.index_add_(0, labels, z.to(torch.float64))
-    counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
-    return sums, counts
+    """Per-class sums of normalised embeddings and counts (what processes all-reduce).
+
+    One (classes x N) @ (N x D) product: fast and memory-light at 80,000 x 3,072.
+    """
+    onehot = F.one_hot(labels, num_classes).to(z.dtype)
+    return onehot.T @ z, onehot.sum(dim=0)
 
 
 def centroids_from_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -195,6 +195,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
         gru_dropout=cfg.model.gru_dropout,
         dropout=cfg.model.dropout,
     )
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     raw_model = model
     optimizer = build_optimizer(model, cfg)
     # The schedule spans the whole planned run (the seed's T_max=15 for 10 epochs was an oversight);

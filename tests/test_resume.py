@@ -171,3 +171,17 @@ def test_two_machines_over_loopback(tmp_path, demo_dir):
         assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
     history = read_history(run)
     assert history[-1]["processes"] == 2 and history[-1]["step"] == 3
+
+
+def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path, demo_dir):
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    run_cli(train_args(whole, demo_dir, train__ema_decay=0.9))
+    run_cli(train_args(stopped, demo_dir, train__ema_decay=0.9, train__max_steps=21))
+    run_cli(train_args(stopped, demo_dir, train__ema_decay=0.9) + ["--resume", "latest"])
+    history = read_history(whole)
+    assert all("val_ema" in h and 0 <= h["val_ema"]["top1"] <= 100 for h in history)
+    ema_whole = load_file(whole / "last_ema" / "model.safetensors")
+    raw = load_file(whole / "last" / "model.safetensors")
+    assert not torch.equal(ema_whole["heads.style.weight"], raw["heads.style.weight"])
+    ema_resumed = load_file(stopped / "last_ema" / "model.safetensors")
+    assert all(torch.equal(ema_whole[k], ema_resumed[k]) for k in ema_whole)
