@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from crnn_art.decoding import DecodeError, decode_image
-from crnn_art.transforms import eval_resize, eval_transform
+from crnn_art.transforms import eval_resize
 
 
 def attention_map(row_attention: torch.Tensor, col_attention: torch.Tensor) -> torch.Tensor:
@@ -43,32 +42,26 @@ def eval_view(image: Image.Image, image_size: int) -> Image.Image:
     return v2.Compose([v2.Resize(eval_resize(image_size)), v2.CenterCrop(image_size)])(image)
 
 
-@torch.no_grad()
+def side_by_side(view: Image.Image, amap: np.ndarray) -> Image.Image:
+    """The painting as the model sees it | the attention overlay on it."""
+    pair = Image.new("RGB", (view.width * 2, view.height))
+    pair.paste(view, (0, 0))
+    pair.paste(overlay(view, amap), (view.width, 0))
+    return pair
+
+
 def explain_images(model, paths: list[str], out_dir: str | Path, top_k: int = 3) -> list[dict]:
-    """Write ``<name>_attention.png`` (painting | overlay) per image; return the top-k per head."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    transform = eval_transform(model.image_size)
+    """Write ``<name>_attention.png`` (painting | overlay) per image; return the top-k per head.
+
+    The same decode -> transform -> forward path as ``predict``, with side-by-side pictures.
+    """
+    from crnn_art.predict import predict_images
+
     results = []
-    for path in paths:
-        try:
-            image = decode_image(str(path))
-        except DecodeError as exc:
-            results.append({"image": str(path), "error": str(exc)})
+    for r in predict_images(model, paths, top_k=top_k, heatmaps=out_dir, side_by_side=True):
+        if "error" in r:
+            results.append(r)
             continue
-        output = model(transform(image)[None])
-        amap = attention_map(output.row_attention, output.col_attention)[0].numpy()
-        view = eval_view(image, model.image_size)
-        side_by_side = Image.new("RGB", (view.width * 2, view.height))
-        side_by_side.paste(view, (0, 0))
-        side_by_side.paste(overlay(view, amap), (view.width, 0))
-        target = out / f"{Path(path).stem}_attention.png"
-        side_by_side.save(target)
-        tops = {}
-        for head, logits in output.logits.items():
-            probs = logits.softmax(dim=1)[0]
-            values, idx = probs.topk(min(top_k, probs.numel()))
-            tops[head] = [(model.class_names[head][i], float(v)) for v, i in zip(values, idx.tolist(), strict=True)]
-        results.append({"image": str(path), "attention_png": str(target), "top": tops})
+        tops = {head: [(p["label"], p["score"]) for p in preds] for head, preds in r["predictions"].items()}
+        results.append({"image": r["image"], "attention_png": r["heatmap"], "top": tops})
     return results

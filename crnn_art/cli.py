@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for item in explain_images(load_model_folder(args.checkpoint), args.images, args.output_dir):
                 if "error" in item:
-                    print(f"{item['image']}: skipped, cannot decode ({item['error']})", file=sys.stderr)
+                    print(f"{item['image']}: skipped ({item['error']})", file=sys.stderr)
                     continue
                 tops = "; ".join(f"{h}: " + ", ".join(f"{n} {p:.2f}" for n, p in v) for h, v in item["top"].items())
                 print(f"{item['image']}: {tops} -> {item['attention_png']}")

@@ -46,13 +46,16 @@ def load_model(model: str | Path, device: str | torch.device | None = None):
 
 @torch.no_grad()
 def predict_images(model, inputs: Iterable[str | Path], top_k: int = 5, batch_size: int = 16,
-                   heatmaps: str | Path | None = None) -> Iterator[dict[str, Any]]:
+                   heatmaps: str | Path | None = None, side_by_side: bool = False) -> Iterator[dict[str, Any]]:
     """Yield one result per input image, in order: ``{"image", "predictions": {head: [{"label", "score"}]}}``
-    or ``{"image", "error"}`` for a file that cannot be read."""
+    or ``{"image", "error"}`` for a file that cannot be read. With ``heatmaps`` each image's attention
+    overlay is saved there (``side_by_side``: the painting and the overlay next to each other)."""
     from crnn_art.attention import attention_map, eval_view, overlay
+    from crnn_art.attention import side_by_side as pair
     from crnn_art.decoding import DecodeError, decode_image
     from crnn_art.transforms import eval_transform
 
+    model.eval()
     device = next(model.parameters()).device
     transform = eval_transform(model.image_size)
     out_dir = Path(heatmaps) if heatmaps else None
@@ -77,7 +80,8 @@ def predict_images(model, inputs: Iterable[str | Path], top_k: int = 5, batch_si
                 ]
             if out_dir:
                 target = out_dir / f"{Path(path).stem}_attention.png"
-                overlay(eval_view(image, model.image_size), maps[i]).save(target)
+                view = eval_view(image, model.image_size)
+                (pair(view, maps[i]) if side_by_side else overlay(view, maps[i])).save(target)
                 result["heatmap"] = str(target)
             yield result
         pending.clear()
