@@ -84,6 +84,7 @@ def model_card(run_dir: str | Path, model_dir: str | Path, repo_id: str | None =
     classes = "; ".join(f"**{h}** ({len(n)}): {', '.join(n[:30])}{' ...' if len(n) > 30 else ''}"
                         for h, n in config["class_names"].items())
     processes = history[-1]["processes"] if history else 1
+    hardware = history[-1].get("hardware", "unrecorded hardware") if history else "unrecorded hardware"
     joint = (f"Joint exact match (all heads right): {metrics['joint_exact_match']:.2f} %."
              if "joint_exact_match" in metrics else "")
     t = cfg.train
@@ -116,7 +117,7 @@ attention pooling, one linear head per task) trained with crnn-art on
 
 ## Training
 
-Task `{cfg.data.task}`, {t.epochs} epochs, global batch {t.batch_size} on {processes} process(es),
+Task `{cfg.data.task}`, {t.epochs} epochs, global batch {t.batch_size} on {processes} process(es) ({hardware}),
 precision `{t.mixed_precision}`, AdamW (lr {t.lr:g} new modules / {t.backbone_lr:g} backbone, weight decay
 {t.weight_decay:g}), cosine schedule to {t.min_lr:g}, label smoothing {t.label_smoothing}, gradient clipping
 {t.grad_clip}, class-balanced sampling {t.balanced_sampling}, MixUp/CutMix probability

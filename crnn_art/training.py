@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -225,6 +226,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
 
     mixer = BatchMixer(cfg.augment)
     head_sizes = labels.num_classes
+    hardware = (torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda"
+                else f"CPU ({os.cpu_count()} cores)")
     console.print(
         f"[bold]crnn-art[/] task={cfg.data.task} heads={head_sizes} source={cfg.data.source} "
         f"train={len(train_set)} val={len(val_set)} test={len(splits['test'])} | "
@@ -348,7 +351,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
             record = {
                 "epoch": epoch, "step": state.step, "train_loss": train_loss, "lr": lr[1], "backbone_lr": lr[0],
                 "images_per_s": seen * t.batch_size / max(elapsed, 1e-9), "epoch_seconds": elapsed,
-                "stem_frozen": frozen, "processes": world, "skipped_train": skipped,
+                "stem_frozen": frozen, "processes": world, "hardware": hardware, "skipped_train": skipped,
                 "nonfinite_steps": state.nonfinite_steps, "scaler_skips": state.scaler_skips,
                 "partial": not epoch_done,
                 "val": {k: v for k, v in metrics.items() if k not in ("epoch", "step")},

@@ -80,6 +80,7 @@ def test_push_sends_model_card_and_reports_and_never_the_token(trained, tmp_path
     assert top1 and top1[0]["metrics"][0]["value"] == pytest.approx(
         json.loads((trained / "eval_test" / "metrics.json").read_text())["top1"], abs=1e-3)
     assert "## Limits" in card.text and "copyright" in card.text.lower() and "from_pretrained" in card.text
+    assert "process(es) (CPU (" in card.text  # the hardware it was trained on
     loaded = CRNNArtClassifier.from_pretrained(str(tmp_path / "repo"))
     assert loaded.class_names == load_model_folder(trained).class_names
     out = capsys.readouterr()
