@@ -8,6 +8,7 @@ name and renamed, so a crash mid-save leaves the previous one intact.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -16,14 +17,43 @@ from typing import Any
 from crnn_art.model import WEIGHTS_NAME, CRNNArtClassifier, ModelLoadError
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC, whether raised as OSError or wrapped by safetensors' Rust writer as a message."""
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc)
+
+
+def _disk_full_error(target: Path, what: str) -> CheckpointError:
+    free = shutil.disk_usage(target.parent if target.parent.exists() else Path.cwd()).free / 2**30
+    return CheckpointError(
+        f"disk full while writing {what} {target} ({free:.1f} GiB free): free space there or lower train.keep_last, "
+        f"then resume with --resume latest; what was saved before is intact"
+    )
+
+
 def save_model_folder(model: CRNNArtClassifier, folder: str | Path, info: dict[str, Any]) -> Path:
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    info = {**info, "weights_sha256": _sha256(tmp / WEIGHTS_NAME)}
-    (tmp / "training.json").write_text(json.dumps(info, indent=2))
+    try:
+        model.save_pretrained(tmp)
+        info = {**info, "weights_sha256": _sha256(tmp / WEIGHTS_NAME)}
+        (tmp / "training.json").write_text(json.dumps(info, indent=2))
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(exc):
+            raise _disk_full_error(folder, "the model folder") from exc
+        raise
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
@@ -93,16 +123,6 @@ class TrainState:
             setattr(self, key, value)
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep_last: int) -> Path:
     """Write ``checkpoints/step_XXXXXXXX`` atomically: every process saves into a temporary folder
     (``save_state`` is collective), the main process records a manifest of file hashes, then renames.
@@ -115,7 +135,13 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep_last: in
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(output_dir=str(tmp))
+    try:
+        accelerator.save_state(output_dir=str(tmp))
+    except Exception as exc:
+        if _is_disk_full(exc):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _disk_full_error(final, "checkpoint") from exc
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

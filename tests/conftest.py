@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,12 +18,13 @@ CPU_2PROC = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
 
 
 def tiny_overrides(demo_dir: Path, **extra: object) -> list[str]:
-    """A run small enough for a test: 32 px crops of 48 px paintings, no mixing, batch 8."""
+    """A run small enough for a test: 32 px crops of 48 px paintings, no mixing, batch 8, one checkpoint kept."""
     values = {
         "data.source": "demo", "data.demo_dir": str(demo_dir), "data.demo_size": 200,
         "data.demo_image_side": 48, "data.demo_styles": 4, "data.image_size": 32, "data.num_workers": 0,
         "model.backbone_weights": "null", "augment.mixup_prob": 0.0, "augment.cutmix_prob": 0.0,
         "train.epochs": 2, "train.batch_size": 8, "train.eval_batch_size": 16, "train.log_every": 1,
+        "train.keep_last": 1,  # each checkpoint is ~330 MB (weights + AdamW moments): keep test runs light on disk
     }
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"--set={k}={v}" for k, v in values.items()]
@@ -34,6 +38,16 @@ def demo_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("demo") / "demo"
     generate_demo(folder, DemoParams(size=200, image_side=48, styles=4, noise=0.03, seed=0))
     return folder
+
+
+@contextmanager
+def scratch(tmp_path_factory, name: str = "runs") -> Iterator[Path]:
+    """A folder for a module-scoped fixture's runs, deleted when the module is done (runs are hundreds of MB)."""
+    folder = tmp_path_factory.mktemp(name)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_cli(args: list[str], *, processes: int = 1, env: dict | None = None, timeout: int = 600,

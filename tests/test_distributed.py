@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 
 from crnn_art.sources import read_splits
-from tests.conftest import read_history, read_json, run_cli, tiny_overrides
+from tests.conftest import read_history, read_json, run_cli, scratch, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, demo_dir):
-    run = tmp_path_factory.mktemp("runs") / "two"
-    run_cli(["train", "--output-dir", str(run), *tiny_overrides(demo_dir, train__max_steps=3)], processes=2)
-    return run
+    with scratch(tmp_path_factory) as folder:
+        run = folder / "two"
+        run_cli(["train", "--output-dir", str(run), *tiny_overrides(demo_dir, train__max_steps=3)], processes=2)
+        yield run
 
 
 def test_two_processes_train_and_count_every_validation_sample_once(two_process_run):

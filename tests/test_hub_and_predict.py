@@ -14,7 +14,7 @@ from PIL import Image
 from crnn_art import CRNNArtClassifier, ModelLoadError, predict
 from crnn_art.checkpoints import load_model_folder, save_model_folder
 from crnn_art.cli import main as cli_main
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import run_cli, scratch, tiny_overrides
 from tests.standins.odd_images import odd_images, painting
 
 TOKEN = "hf_SENTINELtokenNEVERwritten0123456789"
@@ -45,11 +45,12 @@ class StandInHub:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, demo_dir):
-    run = tmp_path_factory.mktemp("runs") / "pub"
-    run_cli(["train", "--output-dir", str(run), *tiny_overrides(demo_dir, train__epochs=1)],
-            env={"HF_TOKEN": TOKEN})
-    run_cli(["evaluate", "--checkpoint", str(run), "--split", "test"], env={"HF_TOKEN": TOKEN})
-    return run
+    with scratch(tmp_path_factory) as folder:
+        run = folder / "pub"
+        run_cli(["train", "--output-dir", str(run), *tiny_overrides(demo_dir, train__epochs=1)],
+                env={"HF_TOKEN": TOKEN})
+        run_cli(["evaluate", "--checkpoint", str(run), "--split", "test"], env={"HF_TOKEN": TOKEN})
+        yield run
 
 
 def _no_token_anywhere(*roots: Path) -> None:

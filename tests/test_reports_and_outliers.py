@@ -14,7 +14,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 from crnn_art.evaluation import Predictions, compute_metrics, head_metrics
 from crnn_art.outliers import apply_rules, centroids_from_sums, class_sums, quality, rank, score_head
 from crnn_art.reports import add_reports
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import run_cli, scratch, tiny_overrides
 
 
 def test_metrics_equal_scikit_learn():
@@ -89,9 +89,10 @@ def test_centroid_reduction_equals_single_process():
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory, demo_dir):
-    run = tmp_path_factory.mktemp("runs") / "short"
-    run_cli(["train", "--output-dir", str(run), *tiny_overrides(demo_dir, train__epochs=1, train__max_steps=6)])
-    return run
+    with scratch(tmp_path_factory) as folder:
+        run = folder / "short"
+        run_cli(["train", "--output-dir", str(run), *tiny_overrides(demo_dir, train__epochs=1, train__max_steps=6)])
+        yield run
 
 
 def test_evaluate_writes_reports_that_name_the_classes(short_run, tmp_path):

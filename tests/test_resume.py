@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from crnn_art.checkpoints import complete_checkpoints, verify_checkpoint
-from tests.conftest import CPU_2PROC, ROOT, _free_port, read_history, read_json, run_cli, tiny_overrides
+from tests.conftest import CPU_2PROC, ROOT, _free_port, read_history, read_json, run_cli, scratch, tiny_overrides
 
 # mixing and dropout on: a resumed run must redraw exactly what the uninterrupted one drew
 RECIPE = {"augment__mixup_prob": 0.3, "augment__cutmix_prob": 0.3}
@@ -33,12 +33,12 @@ def train_args(run: Path, demo_dir: Path, **extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, demo_dir):
-    runs = {}
-    for accum in (1, 2):
-        run = tmp_path_factory.mktemp("runs") / f"whole_accum{accum}"
-        run_cli(train_args(run, demo_dir, train__grad_accum_steps=accum))
-        runs[accum] = run
-    return runs
+    with scratch(tmp_path_factory) as folder:
+        runs = {}
+        for accum in (1, 2):
+            runs[accum] = folder / f"whole_accum{accum}"
+            run_cli(train_args(runs[accum], demo_dir, train__grad_accum_steps=accum))
+        yield runs
 
 
 @pytest.mark.parametrize("accum", [1, 2])
@@ -185,3 +185,34 @@ def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path, demo_dir)
     assert not torch.equal(ema_whole["heads.style.weight"], raw["heads.style.weight"])
     ema_resumed = load_file(stopped / "last_ema" / "model.safetensors")
     assert all(torch.equal(ema_whole[k], ema_resumed[k]) for k in ema_whole)
+
+
+def test_disk_full_during_a_save_is_one_clear_line_and_keeps_earlier_checkpoints(tmp_path):
+    """ENOSPC mid-save (as safetensors reports it) names the fix and leaves no half-written folder."""
+    import errno
+
+    from crnn_art.checkpoints import CheckpointError, TrainState, save_checkpoint
+
+    class Accelerator:
+        is_main_process = True
+        full = False
+
+        def wait_for_everyone(self) -> None:
+            pass
+
+        def save_state(self, output_dir: str) -> None:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"x" * 64)
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    acc, state = Accelerator(), TrainState()
+    state.step = 5
+    first = save_checkpoint(acc, tmp_path, state, keep_last=1)
+    acc.full, state.step = True, 10
+    with pytest.raises(CheckpointError, match="disk full.*keep_last.*--resume latest") as info:
+        save_checkpoint(acc, tmp_path, state, keep_last=1)
+    assert "\n" not in str(info.value)
+    assert complete_checkpoints(tmp_path / "checkpoints") == [first]
+    verify_checkpoint(first)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.name]

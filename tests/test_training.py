@@ -10,16 +10,17 @@ from safetensors.torch import load_file
 from crnn_art import CRNNArtClassifier
 from crnn_art.config import load_run_config
 from crnn_art.evaluation import METRIC_KEYS
-from tests.conftest import ROOT, read_history, read_json, run_cli, tiny_overrides
+from tests.conftest import ROOT, read_history, read_json, run_cli, scratch, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, demo_dir):
-    run = tmp_path_factory.mktemp("runs") / "demo"
-    run_cli(["train", "--preset", "demo", "--output-dir", str(run),
-             *tiny_overrides(demo_dir, train__epochs=4, train__lr=3e-4, train__backbone_lr=3e-4,
-                            data__image_size=48, train__batch_size=16)])
-    return run
+    with scratch(tmp_path_factory) as folder:
+        run = folder / "demo"
+        run_cli(["train", "--preset", "demo", "--output-dir", str(run),
+                 *tiny_overrides(demo_dir, train__epochs=4, train__lr=3e-4, train__backbone_lr=3e-4,
+                                data__image_size=48, train__batch_size=16)])
+        yield run
 
 
 def test_run_folder_holds_config_metrics_history_and_models(demo_run):
