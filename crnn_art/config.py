@@ -36,6 +36,10 @@ class DataConfig:
     """'demo', 'artgan', a Hub dataset id, a parquet file, or a local folder: save_to_disk, prepared
     shards (``crnn-art prepare``), parquet files in the Hub's layout, or an image folder."""
     revision: str | None = None
+    streaming: bool = False
+    """Read a Hub id or parquet files as a stream instead of downloading and caching them first."""
+    shuffle_buffer: int = 1000
+    """Streaming: rows each DataLoader worker holds to shuffle from (raw JPEG bytes, ~0.3 GB for WikiArt)."""
     task: str = "style"
     image_size: int = 384
     """Training crop side; evaluation resizes the short side to 416/384 of it, then centre-crops."""
@@ -54,6 +58,8 @@ class DataConfig:
     image_root: str | None = None
     """data.source=artgan: the root the lists' relative image paths start from."""
     num_workers: int = 4
+    log_rows: bool = False
+    """Write the row ids each process trained on, per epoch, to ``<run>/rows/`` (to audit what was seen)."""
     demo_dir: str = "data/demo"
     demo_size: int = 1600
     demo_image_side: int = 96
@@ -303,6 +309,8 @@ def validate(cfg: RunConfig) -> None:
     if d.source == "artgan":
         need(bool(d.lists_dir) and bool(d.image_root), "data.lists_dir / data.image_root",
              "data.source=artgan needs both folders", (d.lists_dir, d.image_root))
+    need(d.shuffle_buffer >= 1, "data.shuffle_buffer", "use an integer >= 1 (rows held to shuffle a stream)",
+         d.shuffle_buffer)
     need(d.num_workers >= 0, "data.num_workers", "use 0 (load in the main process) or more", d.num_workers)
     need(d.demo_size >= 40, "data.demo_size", "generate at least 40 rows", d.demo_size)
     need(d.demo_image_side >= 32, "data.demo_image_side", "use at least 32 pixels", d.demo_image_side)

@@ -128,7 +128,7 @@ def open_run_split(checkpoint: str, split: str) -> RunSplit:
     and open the split's rows of the run's own source with the run's own task labels."""
     from crnn_art.checkpoints import load_model_folder
     from crnn_art.config import load_run_config
-    from crnn_art.loaders import PaintingDataset
+    from crnn_art.loaders import STREAMED, split_dataset
     from crnn_art.model import ModelLoadError
     from crnn_art.runtime import make_accelerator
     from crnn_art.sources import SPLITS, DataError, open_source, read_splits, task_labels
@@ -145,15 +145,17 @@ def open_run_split(checkpoint: str, split: str) -> RunSplit:
     model = load_model_folder(folder)
     accelerator = make_accelerator(cfg.train.mixed_precision)
     with accelerator.local_main_process_first():
-        source = open_source(cfg.data).dataset
-    labels = task_labels(source, cfg.heads, cfg.data)
+        opened = open_source(cfg.data)
+    labels = task_labels(opened.dataset, cfg.heads, cfg.data)
     if labels.class_names != model.class_names:
         raise ModelLoadError(
             f"{folder}'s class names differ from those of its data ({cfg.data.source}); "
             "was the source changed since training?"
         )
     size = model.image_size
-    dataset = PaintingDataset(source, rows, labels.labels, eval_transform(size), eval_resize(size))
+    with accelerator.local_main_process_first():
+        dataset = split_dataset(opened, rows, labels.labels, eval_transform(size), eval_resize(size),
+                                run_dir / STREAMED, split)
     return RunSplit(cfg, run_dir, folder, accelerator, model, dataset, rows)
 
 

@@ -8,6 +8,8 @@ that every sample was counted once and outlier reports can name the painting.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,11 +27,14 @@ class PaintingDataset(Dataset):
     ``GlobalDrawBatchSampler``: the seed fixes the augmentation of that draw slot.
     """
 
-    def __init__(self, hf_dataset, rows: np.ndarray, labels: np.ndarray, transform, min_side: int | None) -> None:
+    def __init__(self, hf_dataset, rows: np.ndarray, labels: np.ndarray, transform, min_side: int | None,
+                 image_index: np.ndarray | None = None) -> None:
         from datasets import Image as ImageFeature
 
         self.images = hf_dataset.select_columns(["image"]).cast_column("image", ImageFeature(decode=False))
         self.rows = np.asarray(rows, dtype=np.int64)
+        self.image_index = self.rows if image_index is None else np.asarray(image_index, dtype=np.int64)
+        """Where each row's image is in ``hf_dataset``: the row id itself, or a position in a split copy."""
         self.labels = torch.as_tensor(labels[self.rows], dtype=torch.int64)
         self.transform = transform
         self.min_side = min_side
@@ -46,7 +51,7 @@ class PaintingDataset(Dataset):
         position, seed = key if isinstance(key, tuple) else (key, None)
         row = int(self.rows[position])
         try:
-            image = decode_image(self.images[row]["image"], self.min_side)
+            image = decode_image(self.images[int(self.image_index[position])]["image"], self.min_side)
         except DecodeError:
             return {"image": None, "labels": torch.full_like(self.labels[position], -1), "row": row, "skipped": True}
         if seed is None:
@@ -98,6 +103,40 @@ def train_loader(dataset: PaintingDataset, sampler: GlobalDrawBatchSampler, num_
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,  # the batch sampler runs in this process: set_epoch still applies
     )
+
+
+STREAMED = "streamed"
+"""The folder of a streamed run where the splits it evaluates are kept after one read of the stream."""
+
+
+class DrawnBatches:
+    """Micro-batches of one epoch of the class-balanced global draw (map-style sources)."""
+
+    def __init__(self, dataset: PaintingDataset, sampler: GlobalDrawBatchSampler, num_workers: int) -> None:
+        self.sampler = sampler
+        self.loader = train_loader(dataset, sampler, num_workers)
+
+    def steps(self, epoch: int) -> int:
+        return self.sampler.batches_per_epoch
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, Any]]:
+        self.sampler.set_epoch(epoch, start_batch)
+        return iter(self.loader)
+
+
+def split_dataset(opened, rows: np.ndarray, labels: np.ndarray, transform, min_side: int | None,
+                  cache_dir: str | Path, name: str, console=None) -> PaintingDataset:
+    """The rows of one split of an opened source, for evaluation (or map-style training).
+
+    A streamed source has no random access: the split's images are streamed once into
+    ``cache_dir`` (see ``streaming.materialize_split``) and read from there.
+    """
+    if opened.stream is None:
+        return PaintingDataset(opened.dataset, rows, labels, transform, min_side)
+    from crnn_art.streaming import materialize_split
+
+    images = materialize_split(opened.stream, rows, cache_dir, name, console)
+    return PaintingDataset(images, rows, labels, transform, min_side, image_index=np.searchsorted(np.sort(rows), rows))
 
 
 def eval_loader(dataset: PaintingDataset, batch_size: int, num_workers: int) -> DataLoader:

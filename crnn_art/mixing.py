@@ -55,15 +55,23 @@ class BatchMixer:
 
 
 def soft_target_loss(
-    logits: dict[str, torch.Tensor], targets: torch.Tensor, sizes: dict[str, int], smoothing: float
+    logits: dict[str, torch.Tensor], targets: torch.Tensor, sizes: dict[str, int], smoothing: float,
+    class_weights: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sum over heads of each head's mean soft cross-entropy over its known label mass."""
+    """Sum over heads of each head's mean soft cross-entropy over its known label mass.
+
+    With ``class_weights`` (streamed runs balance classes in the loss), a sample's loss is weighed
+    by its (mixed) classes' weights and the mean is over the weighted mass, as ``F.cross_entropy``'s
+    ``weight`` does for hard labels.
+    """
     total = torch.zeros((), device=targets.device)
     per_head = {}
     start = 0
     for head, n in sizes.items():
         block = targets[:, start:start + n]
         start += n
+        if class_weights is not None:
+            block = block * class_weights[head].to(block.dtype)
         mass = block.sum(dim=1, keepdim=True)
         smoothed = block * (1 - smoothing) + mass * (smoothing / n)
         log_probs = F.log_softmax(logits[head].float(), dim=1)

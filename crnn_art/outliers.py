@@ -300,7 +300,8 @@ def _write_html(path: Path, selected: list[Scored], model, dataset, rows: np.nda
         device = next(model.parameters()).device
         out = model(item["image"][None].to(device))
         amap = attention_map(out.row_attention, out.col_attention)[0].cpu().numpy()
-        view = eval_view(decode_image(dataset.images[s.row]["image"]), model.image_size)
+        image = dataset.images[int(dataset.image_index[position[s.row]])]["image"]
+        view = eval_view(decode_image(image), model.image_size)
         names = model.class_names[s.head]
         cards.append(
             f"<div class='card'><div class='imgs'><img src='{_png(view)}' title='painting'>"

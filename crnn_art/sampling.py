@@ -29,6 +29,16 @@ def balanced_weights(labels: np.ndarray) -> np.ndarray:
     return np.where(known > 0, weights / np.maximum(known, 1), 0.0)
 
 
+def local_batch_size(global_batch: int, world_size: int, accum: int) -> int:
+    """Each process's share of a global batch; it must split into ``accum`` equal micro-batches."""
+    if global_batch % (world_size * accum):
+        raise ValueError(
+            f"train.batch_size={global_batch} is not divisible by {world_size} process(es) x "
+            f"{accum} accumulation step(s); use a multiple of {world_size * accum}"
+        )
+    return global_batch // world_size
+
+
 def _mix_seed(*parts: int) -> int:
     """A 63-bit seed from a few integers (seed, epoch, position...), stable across platforms."""
     x = 0x243F6A8885A308D3
@@ -57,11 +67,7 @@ class GlobalDrawBatchSampler:
         weights: np.ndarray | None = None,
         accum: int = 1,
     ) -> None:
-        if global_batch % (world_size * accum):
-            raise ValueError(
-                f"train.batch_size={global_batch} is not divisible by {world_size} process(es) x "
-                f"{accum} accumulation step(s); use a multiple of {world_size * accum}"
-            )
+        local_batch_size(global_batch, world_size, accum)
         if num_samples < global_batch:
             raise ValueError(
                 f"the training split has {num_samples} samples, fewer than one global batch of {global_batch}; "

@@ -36,6 +36,9 @@ class Source:
     """Row ids per split when the source has its own (ArtGAN lists, train/ validation/ test/ folders)."""
     note: str = ""
     """Something the user should know (e.g. listed files that are missing), printed at start."""
+    stream: Any = None
+    """With ``data.streaming``: the ``streaming.StreamSource`` the images come from; ``dataset`` then
+    holds only the label columns (read up front, one row per row id)."""
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -47,6 +50,18 @@ def open_source(cfg: DataConfig) -> Source:
     import datasets
 
     source = cfg.source
+    if cfg.streaming:
+        parquet_dir = os.path.isdir(source) and (any(Path(source).glob("*.parquet"))
+                                                 or any(Path(source).glob("data/*.parquet")))
+        if source in ("demo", "artgan") or (os.path.isdir(source) and not parquet_dir):
+            raise DataError(
+                f"data.streaming reads parquet files (a Hub id, the Hub's file layout, .parquet files), "
+                f"not {source!r}, which is read from local disk anyway: set data.streaming=false"
+            )
+        from crnn_art.streaming import open_stream_source
+
+        stream = open_stream_source(cfg)
+        return Source(stream.labels, stream=stream)
     if source == "demo":
         from crnn_art.demo_data import DemoParams, generate_demo
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import set_seed
 from rich.console import Console
@@ -42,12 +43,13 @@ from crnn_art.checkpoints import (
 )
 from crnn_art.config import RunConfig, save_config
 from crnn_art.evaluation import METRIC_KEYS, compute_metrics, predict, selection_score
-from crnn_art.loaders import PaintingDataset, eval_loader, train_loader
+from crnn_art.loaders import STREAMED, DrawnBatches, PaintingDataset, eval_loader, split_dataset
 from crnn_art.mixing import BatchMixer, one_hot_targets, soft_target_loss
 from crnn_art.model import CRNNArtClassifier
 from crnn_art.runtime import make_accelerator
-from crnn_art.sampling import GlobalDrawBatchSampler, _mix_seed, balanced_weights
+from crnn_art.sampling import GlobalDrawBatchSampler, _mix_seed, balanced_weights, local_batch_size
 from crnn_art.sources import DataError, make_splits, open_source, task_labels, write_splits
+from crnn_art.streaming import StreamedBatches, StreamingPaintings, balanced_class_weights, node_stream, plan_epochs
 from crnn_art.transforms import eval_resize, eval_transform, train_transform
 
 
@@ -160,7 +162,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
     # ---- data: source -> task labels -> split -> datasets -------------------------------------
     with accelerator.local_main_process_first():  # one process per machine generates/downloads first
         opened = open_source(cfg.data)
-    source = opened.dataset
+    source = opened.dataset  # streamed: the label columns only
     if opened.note:
         console.print(f"[yellow]note:[/] {opened.note}")
     labels = task_labels(source, cfg.heads, cfg.data)
@@ -171,18 +173,40 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
         write_splits(splits, out / "split.json", cfg.data)
     size = cfg.data.image_size
     train_side = max(eval_resize(size), math.ceil(size / math.sqrt(cfg.augment.crop_scale[0])))
-    train_set = PaintingDataset(source, splits["train"], labels.labels, train_transform(size, cfg.augment), train_side)
-    val_set = PaintingDataset(source, splits["validation"], labels.labels, eval_transform(size), eval_resize(size))
+    augment = train_transform(size, cfg.augment)
+    with accelerator.local_main_process_first():  # streamed: validation is read from the stream once
+        val_set = split_dataset(opened, splits["validation"], labels.labels, eval_transform(size), eval_resize(size),
+                                out / STREAMED, "validation", console)
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    weights = balanced_weights(labels.labels[splits["train"]]) if t.balanced_sampling else None
+    class_weights = None
     try:
-        sampler = GlobalDrawBatchSampler(len(train_set), t.batch_size, rank, world, t.seed, weights,
-                                         accum=t.grad_accum_steps)
+        local_batch = local_batch_size(t.batch_size, world, t.grad_accum_steps)
+        if opened.stream is None:
+            weights = balanced_weights(labels.labels[splits["train"]]) if t.balanced_sampling else None
+            sampler = GlobalDrawBatchSampler(len(splits["train"]), t.batch_size, rank, world, t.seed, weights,
+                                             accum=t.grad_accum_steps)
+            train_set = PaintingDataset(source, splits["train"], labels.labels, augment, train_side)
+            train_batches = DrawnBatches(train_set, sampler, cfg.data.num_workers)
+        else:
+            wanted = np.zeros(len(source), dtype=bool)
+            wanted[splits["train"]] = True
+            plans = plan_epochs(opened.stream, wanted, t.seed, cfg.data.shuffle_buffer, world, local_batch, t.epochs)
+            if min(p["steps"] for p in plans) == 0:
+                raise ValueError(
+                    f"a process gets fewer than {local_batch} training rows in some epoch "
+                    f"({plans[0]['rows_per_process']}); lower train.batch_size or use more data"
+                )
+            stream = node_stream(opened.stream, wanted, t.seed, cfg.data.shuffle_buffer, rank, world)
+            train_set = StreamingPaintings(stream, labels.labels, augment, train_side, t.seed)
+            train_batches = StreamedBatches(train_set, plans, local_batch // t.grad_accum_steps, t.grad_accum_steps,
+                                            cfg.data.num_workers)
+            if t.balanced_sampling:  # a stream cannot be drawn by weight: balance the loss instead
+                class_weights = {h: w.to(accelerator.device) for h, w in
+                                 balanced_class_weights(labels.labels[splits["train"]], labels.num_classes).items()}
     except ValueError as exc:
         raise DataError(str(exc)) from exc
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = t.epochs * steps_per_epoch
+    total_steps = sum(train_batches.steps(e) for e in range(1, t.epochs + 1))
 
     # ---- model, optimiser, schedule, EMA -------------------------------------------------------
     model = CRNNArtClassifier(
@@ -207,7 +231,6 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
     ema = None
     if t.ema_decay is not None:
         ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
-    loader = train_loader(train_set, sampler, cfg.data.num_workers)
     val_loader = accelerator.prepare(eval_loader(val_set, t.eval_batch_size, cfg.data.num_workers))
 
     # ---- state: what a checkpoint holds besides weights, optimizer, scaler and RNG -----------------
@@ -215,8 +238,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
     accelerator.register_for_checkpointing(scheduler, state, *([ema] if ema is not None else []))
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        console.print(f"resumed from {resume_from}: epoch {state.epoch}, {state.batch} of {steps_per_epoch} "
-                      f"batches done, step {state.step}")
+        console.print(f"resumed from {resume_from}: epoch {state.epoch}, {state.batch} batches done, step {state.step}")
     if is_main:
         _keep_history_before(out / "history.jsonl", state.epoch)
     if accelerator.log_with:
@@ -230,12 +252,18 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
                 else f"CPU ({os.cpu_count()} cores)")
     console.print(
         f"[bold]crnn-art[/] task={cfg.data.task} heads={head_sizes} source={cfg.data.source} "
-        f"train={len(train_set)} val={len(val_set)} test={len(splits['test'])} | "
+        f"train={len(splits['train'])} val={len(val_set)} test={len(splits['test'])} | "
         f"{world} process(es) on {accelerator.device}, precision={accelerator.mixed_precision} | "
-        f"batch {t.batch_size} ({sampler.local_batch}/process"
+        f"batch {t.batch_size} ({local_batch}/process"
         + (f" in {t.grad_accum_steps} micro-batches" if t.grad_accum_steps > 1 else "")
-        + f"), {steps_per_epoch} steps/epoch, {t.epochs} epochs"
+        + f"), {train_batches.steps(1)} steps/epoch, {t.epochs} epochs"
     )
+    if opened.stream is not None:
+        used = sum(p["steps"] for p in plans) * t.batch_size / (t.epochs * len(splits["train"]))
+        console.print(f"streaming {len(opened.stream.pieces)} shards with a {cfg.data.shuffle_buffer}-row shuffle "
+                      f"buffer; {total_steps} steps over {t.epochs} epochs use {100 * used:.0f}% of the training rows "
+                      f"per epoch (equal steps on every process)"
+                      + ("; classes balanced by loss weights" if class_weights else ""))
 
     # ---- epochs -------------------------------------------------------------------------------
     metrics: dict[str, Any] = {}
@@ -244,8 +272,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
     with StopRequests() as stops, make_progress(console, is_main) as progress:
         for epoch in range(state.epoch, t.epochs + 1):
             frozen = not stem_trainable(cfg, epoch)
-            sampler.set_epoch(epoch, start_batch=state.batch if epoch == state.epoch else 0)
-            state.epoch, state.batch = epoch, sampler.start_batch
+            steps_per_epoch = train_batches.steps(epoch)
+            state.epoch, state.batch = epoch, state.batch if epoch == state.epoch else 0
             model.train()
             if frozen:
                 hold_frozen_stem(raw_model)
@@ -253,7 +281,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
                                      status="")
             loss_sum = torch.zeros((), device=accelerator.device)
             seen, skipped, t0 = 0, 0, time.perf_counter()
-            batches = iter(loader)
+            batches = train_batches.epoch(epoch, state.batch)
+            rows_seen = []
             while state.batch < steps_per_epoch:
                 # one optimizer step = grad_accum_steps micro-batches on every process
                 torch.manual_seed(_step_seed(t.seed, state.step, rank))
@@ -262,10 +291,12 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
                 for micro in range(t.grad_accum_steps):
                     batch = next(batches)
                     skipped += int(batch["skipped"])
+                    if cfg.data.log_rows:
+                        rows_seen.append(batch["row"])
                     if len(batch["row"]) == 0:
                         raise DataError(
-                            f"all {sampler.micro_batch} images of a batch failed to decode (step {state.step}); "
-                            "check that the source's image files are readable"
+                            f"all {local_batch // t.grad_accum_steps} images of a batch failed to decode "
+                            f"(step {state.step}); check that the source's image files are readable"
                         )
                     images = batch["image"].to(accelerator.device, non_blocking=True)
                     targets = one_hot_targets(batch["labels"], list(head_sizes.values())).to(accelerator.device)
@@ -274,7 +305,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
                     with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
                         with accelerator.autocast():
                             output = model(images)
-                            loss, _ = soft_target_loss(output.logits, targets, head_sizes, t.label_smoothing)
+                            loss, _ = soft_target_loss(output.logits, targets, head_sizes, t.label_smoothing,
+                                                       class_weights)
                         finite = finite and bool(torch.isfinite(loss))
                         accelerator.backward(loss / t.grad_accum_steps)
                     step_loss += loss.detach() / t.grad_accum_steps
@@ -329,6 +361,10 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
             elapsed = time.perf_counter() - t0
             progress.remove_task(task)
             del batches
+            if cfg.data.log_rows and rows_seen:
+                (out / "rows").mkdir(parents=True, exist_ok=True)
+                np.save(out / "rows" / f"epoch{epoch:03d}-from{state.step:08d}-rank{rank}.npy",
+                        torch.cat(rows_seen).numpy())
             epoch_done = state.batch >= steps_per_epoch
             if stop_reason == "signal" or (stop_reason == "max_steps" and not epoch_done):
                 save_checkpoint(accelerator, out, state, t.keep_last)  # before evaluating: resume starts here

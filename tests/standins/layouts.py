@@ -12,15 +12,26 @@ from tests.standins.odd_images import odd_images, painting
 SHARED_ARTGAN = Path(__file__).resolve().parents[3] / "shared" / "wikiart" / "artgan"
 
 
-def hub_parquet_repo(folder: Path, rows: int = 160, shards: int = 2) -> Path:
+def hub_parquet_repo(folder: Path, rows: int = 160, shards: int = 2, file_rows: list[int] | None = None,
+                     row_group: int | None = None) -> Path:
     """The Hub's layout of huggan/wikiart: data/train-0000i-of-0000n.parquet, schema in the parquet
-    metadata, rows ordered by artist with "Unknown Artist" / "Unknown Genre" rows."""
+    metadata, rows ordered by artist with "Unknown Artist" / "Unknown Genre" rows.
+
+    ``file_rows`` makes the files uneven (as real shards are); ``row_group`` sets the rows per
+    parquet row group (``datasets`` writes ~100 for image columns), the unit streaming shards by.
+    """
     from datasets import load_from_disk
 
-    ds = load_from_disk(str(generate_demo(folder / "_gen", DemoParams(size=rows, image_side=48, styles=4))))
+    total = sum(file_rows) if file_rows else rows
+    ds = load_from_disk(str(generate_demo(folder / "_gen", DemoParams(size=total, image_side=48, styles=4))))
     (folder / "data").mkdir(parents=True, exist_ok=True)
-    for i in range(shards):
-        ds.shard(shards, i, contiguous=True).to_parquet(str(folder / "data" / f"train-{i:05d}-of-{shards:05d}.parquet"))
+    sizes = file_rows or [len(ds.shard(shards, i, contiguous=True)) for i in range(shards)]
+    start = 0
+    for i, n in enumerate(sizes):
+        part = ds.select(range(start, start + n))
+        start += n
+        path = folder / "data" / f"train-{i:05d}-of-{len(sizes):05d}.parquet"
+        part.to_parquet(str(path), **({"batch_size": row_group} if row_group else {}))
     shutil.rmtree(folder / "_gen")
     return folder
 
