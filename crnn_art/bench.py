@@ -139,14 +139,17 @@ def _shrink(data: bytes, short_side: int = 512) -> bytes:
     return resized
 
 
-def bench_pipeline(n_images: int, workers: int, size: int = 384) -> dict[str, Any]:
-    """Decode + train transform images/s in one process (seed vs ours), and the DataLoader with workers."""
+def bench_pipeline(n_images: int, workers: int, size: int = 384, device: torch.device | None = None) -> dict[str, Any]:
+    """Decode + train transform images/s in one process (seed vs ours; whole recipe, and the workers'
+    share with ``augment.on_device``), what the device share costs, and the DataLoader with workers."""
     from PIL import Image
     from torchvision import transforms as v1
 
     from crnn_art.config import AugmentConfig
     from crnn_art.decoding import decode_image
-    from crnn_art.transforms import eval_resize, train_transform
+    from crnn_art.transforms import eval_resize, train_transform, worker_transform
+
+    device = device or torch.device("cpu")
 
     originals = _large_jpegs(n_images)
     prepared = [_shrink(d) for d in originals]
@@ -170,13 +173,28 @@ def bench_pipeline(n_images: int, workers: int, size: int = 384) -> dict[str, An
     seed_rate = rate(lambda d: seed(Image.open(io.BytesIO(d)).convert("RGB")), originals)
     ours_rate = rate(lambda d: ours(decode_image({"bytes": d, "path": None}, min_side)), originals)
     prepared_rate = rate(lambda d: ours(decode_image({"bytes": d, "path": None}, min_side)), prepared)
+    crop = worker_transform(size, AugmentConfig())
+    worker_rate = rate(lambda d: crop(decode_image({"bytes": d, "path": None}, min_side)), prepared)
     result = {
         "seed_images_per_s": seed_rate, "draft_decode_images_per_s": ours_rate,
         "prepared_512_images_per_s": prepared_rate, "speedup_draft": ours_rate / seed_rate,
         "speedup_prepared": prepared_rate / seed_rate, "peak_mb": _peak_mb(cpu),
+        "worker_on_device_images_per_s": worker_rate, "speedup_worker_on_device": worker_rate / seed_rate,
+        "device_augment": _device_augment_rate(device, size),
         "loader_workers": workers, "loader_images_per_s": _loader_rate(prepared, workers, size),
     }
     return result
+
+
+def _device_augment_rate(device: torch.device, size: int, batch: int = 32, reps: int = 3) -> dict[str, Any]:
+    """What ``augment.on_device`` costs where the model runs: jitter + normalise + erase of a uint8 batch."""
+    from crnn_art.config import AugmentConfig
+    from crnn_art.transforms import DeviceAugment
+
+    augment = DeviceAugment(AugmentConfig())
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    seconds = _timed(lambda: augment(images, 0), reps, warmup=1, device=device)
+    return {"device": str(device), "batch": batch, "images_per_s": batch / seconds}
 
 
 def _loader_rate(prepared: list[bytes], workers: int, size: int) -> float:
@@ -255,12 +273,13 @@ def run_bench(device: str = "cpu", size: int = 224, batch: int = 16, steps: int 
     for cl in layouts:
         report["training"]["channels_last" if cl else "contiguous"] = bench_training(dev, size, batch, steps,
                                                                                      precision, cl)
-    report["pipeline"] = bench_pipeline(pipeline_images, workers)
-    report["outliers"] = bench_outliers()
+    report["pipeline"] = bench_pipeline(pipeline_images, workers, device=dev)
+    report["outliers"] = bench_outliers(10_000 if quick else 80_000)
     best = min(report["training"].values(), key=lambda r: r["crnn"]["step_s"])
     report["summary"] = {
         "crnn_vs_resnet50_step_time": best["ratio"],
-        "pipeline_speedup_vs_seed": max(report["pipeline"]["speedup_draft"], report["pipeline"]["speedup_prepared"]),
+        "pipeline_speedup_vs_seed": max(report["pipeline"]["speedup_draft"], report["pipeline"]["speedup_prepared"],
+                                        report["pipeline"]["speedup_worker_on_device"]),
         "outlier_scoring_seconds": report["outliers"]["seconds"],
     }
     if peak_tflops:
@@ -302,6 +321,11 @@ def print_report(report: dict[str, Any]) -> None:
                   f"({p['speedup_draft']:.2f}x)", "")
     table.add_row("pipeline: crnn-art on 512 px prepared", f"{p['prepared_512_images_per_s']:.1f} img/s "
                   f"({p['speedup_prepared']:.2f}x)", f"{p['peak_mb']:.0f}")
+    table.add_row("pipeline: worker share with augment.on_device (decode + crop + flip, 512 px prepared)",
+                  f"{p['worker_on_device_images_per_s']:.1f} img/s ({p['speedup_worker_on_device']:.2f}x)", "")
+    d = p["device_augment"]
+    table.add_row(f"  device share: jitter + normalise + erase on {d['device']} (batch {d['batch']})",
+                  f"{d['images_per_s']:.1f} img/s", "")
     table.add_row(f"DataLoader, {p['loader_workers']} workers, prepared", f"{p['loader_images_per_s']:.1f} img/s", "")
     o = report["outliers"]
     table.add_row(f"outlier scoring {o['samples']:,} x {o['dim']}, {o['classes']} classes", f"{o['seconds']:.2f} s",

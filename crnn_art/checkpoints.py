@@ -16,6 +16,8 @@ from typing import Any
 
 from crnn_art.model import WEIGHTS_NAME, CRNNArtClassifier, ModelLoadError
 
+HISTORY = "history.jsonl"
+
 
 def _sha256(path: Path) -> str:
     import hashlib
@@ -60,6 +62,12 @@ def save_model_folder(model: CRNNArtClassifier, folder: str | Path, info: dict[s
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The run's ``history.jsonl``: one record per evaluated epoch (``partial`` for a stopped one)."""
+    path = Path(run_dir) / HISTORY
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def load_model_folder(folder: str | Path, map_location: str = "cpu") -> CRNNArtClassifier:

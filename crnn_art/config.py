@@ -94,6 +94,9 @@ class AugmentConfig:
     cutmix_prob: float = 0.35
     mixup_alpha: float = 0.3
     cutmix_alpha: float = 1.0
+    on_device: bool | None = None
+    """Colour jitter, normalisation and erasing on the training device (workers only decode, crop, flip).
+    null: on when training on a GPU (where ``crnn-art bench`` shows it pays), off on CPUs."""
 
 
 @dataclass

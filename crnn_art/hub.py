@@ -17,6 +17,7 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import EvalResult
 
+from crnn_art.checkpoints import read_history
 from crnn_art.config import load_run_config
 from crnn_art.evaluation import METRIC_KEYS
 
@@ -30,11 +31,6 @@ LIMITS = """\
 - **Domain.** Trained on digitised paintings at a fixed input size; photographs, sculpture or heavily
   cropped details are out of distribution.
 """
-
-
-def _history(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "history.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -72,7 +68,7 @@ def model_card(run_dir: str | Path, model_dir: str | Path, repo_id: str | None =
         metrics=["accuracy", "f1"],
         model_name=repo_id or model_dir.name, eval_results=results or None,
     )
-    history = _history(run_dir)
+    history = read_history(run_dir)
     rows = "\n".join(
         f"| {h['epoch']} | {h['train_loss']:.3f} | {h['val']['loss']:.3f} | {h['val']['top1']:.2f} | "
         f"{h['val']['top5']:.2f} | {h['val']['macro_f1']:.2f} |" for h in history if not h.get("partial")

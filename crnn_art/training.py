@@ -34,10 +34,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from crnn_art.checkpoints import (
     CHECKPOINTS,
+    HISTORY,
     CheckpointError,
     TrainState,
     complete_checkpoints,
     find_checkpoint,
+    read_history,
     save_checkpoint,
     save_model_folder,
 )
@@ -50,7 +52,7 @@ from crnn_art.runtime import make_accelerator
 from crnn_art.sampling import GlobalDrawBatchSampler, _mix_seed, balanced_weights, local_batch_size
 from crnn_art.sources import DataError, make_splits, open_source, task_labels, write_splits
 from crnn_art.streaming import StreamedBatches, StreamingPaintings, balanced_class_weights, node_stream, plan_epochs
-from crnn_art.transforms import eval_resize, eval_transform, train_transform
+from crnn_art.transforms import DeviceAugment, eval_resize, eval_transform, train_transform, worker_transform
 
 
 def make_progress(console: Console, enabled: bool) -> Progress:
@@ -173,7 +175,9 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
         write_splits(splits, out / "split.json", cfg.data)
     size = cfg.data.image_size
     train_side = max(eval_resize(size), math.ceil(size / math.sqrt(cfg.augment.crop_scale[0])))
-    augment = train_transform(size, cfg.augment)
+    on_device = cfg.augment.on_device if cfg.augment.on_device is not None else accelerator.device.type == "cuda"
+    augment = worker_transform(size, cfg.augment) if on_device else train_transform(size, cfg.augment)
+    device_augment = DeviceAugment(cfg.augment) if on_device else None
     with accelerator.local_main_process_first():  # streamed: validation is read from the stream once
         val_set = split_dataset(opened, splits["validation"], labels.labels, eval_transform(size), eval_resize(size),
                                 out / STREAMED, "validation", console)
@@ -240,7 +244,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
         accelerator.load_state(str(resume_from))
         console.print(f"resumed from {resume_from}: epoch {state.epoch}, {state.batch} batches done, step {state.step}")
     if is_main:
-        _keep_history_before(out / "history.jsonl", state.epoch)
+        _keep_history_before(out, state.epoch)
     if accelerator.log_with:
         state.tracker_run_id = state.tracker_run_id or f"{out.name}-{int(time.time())}"
         accelerator.init_trackers(t.project_name, config=_flat(cfg.to_dict()),
@@ -257,6 +261,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
         f"batch {t.batch_size} ({local_batch}/process"
         + (f" in {t.grad_accum_steps} micro-batches" if t.grad_accum_steps > 1 else "")
         + f"), {train_batches.steps(1)} steps/epoch, {t.epochs} epochs"
+        + (" | colour jitter/erasing on the device" if on_device else "")
     )
     if opened.stream is not None:
         used = sum(p["steps"] for p in plans) * t.batch_size / (t.epochs * len(splits["train"]))
@@ -299,6 +304,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
                             f"(step {state.step}); check that the source's image files are readable"
                         )
                     images = batch["image"].to(accelerator.device, non_blocking=True)
+                    if device_augment is not None:  # uint8 crops -> jitter, normalise, erase here
+                        images = device_augment(images, _mix_seed(t.seed, 0xA06, state.step, micro, rank))
                     targets = one_hot_targets(batch["labels"], list(head_sizes.values())).to(accelerator.device)
                     images, targets, _ = mixer(images, targets, _mix_seed(t.seed, state.step, micro, rank))
                     last_micro = micro == t.grad_accum_steps - 1
@@ -398,7 +405,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
                             step=state.step)
             accelerator.wait_for_everyone()
             if is_main:
-                with open(out / "history.jsonl", "a") as fh:
+                with open(out / HISTORY, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
                 unwrapped = accelerator.unwrap_model(model)
                 info = {"epoch": epoch, "step": state.step, "metrics": metrics, "task": cfg.data.task}
@@ -428,7 +435,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
         )
     final = dict(metrics)
     if is_main:
-        final["best"] = _best_from_history(out / "history.jsonl", cfg.heads)
+        final["best"] = _best_from_history(out, cfg.heads)
         (out / "metrics.json").write_text(json.dumps(final, indent=2))
         console.print(metrics_table(final, cfg.heads))
         console.print(f"run saved in {out}/: best/, last/, metrics.json, history.jsonl, config.yaml, split.json, "
@@ -454,21 +461,16 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _keep_history_before(path: Path, epoch: int) -> None:
+def _keep_history_before(out: Path, epoch: int) -> None:
     """On (re)start, keep only whole epochs before the one in progress (drops a stopped run's partial line)."""
-    if not path.is_file():
-        path.write_text("")
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["epoch"] < epoch and not json.loads(line).get("partial")]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [r for r in read_history(out) if r["epoch"] < epoch and not r.get("partial")]
+    (out / HISTORY).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _best_from_history(path: Path, heads: tuple[str, ...]) -> dict[str, Any] | None:
+def _best_from_history(out: Path, heads: tuple[str, ...]) -> dict[str, Any] | None:
     """The best whole epoch's validation metrics (a resumed run did not see the earlier epochs itself)."""
     best = None
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_history(out):
         if record.get("partial"):
             continue
         metrics = {**record["val"], "epoch": record["epoch"], "step": record["step"]}

@@ -3,6 +3,11 @@
 Randomness comes from torch's global generator; the dataset seeds it per sample from the global
 draw (see ``loaders.PaintingDataset``), so an image's augmentation does not depend on which
 worker or process loads it, or on whether the run was resumed.
+
+With ``augment.on_device`` the recipe is cut in two: DataLoader workers only decode, crop and
+flip, and hand over ``uint8`` tensors (a quarter of the bytes of float32); ``DeviceAugment``
+does colour jitter, scaling, normalisation and random erasing on the batch where the model runs.
+On a GPU that takes the most expensive per-pixel work off the CPU workers (see ``crnn-art bench``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,40 @@ def train_transform(image_size: int, aug: AugmentConfig) -> v2.Compose:
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         v2.RandomErasing(aug.erase_prob, scale=tuple(aug.erase_scale), ratio=tuple(aug.erase_ratio), value="random"),
     ])
+
+
+def worker_transform(image_size: int, aug: AugmentConfig) -> v2.Compose:
+    """The workers' share with ``augment.on_device``: crop and flip, as a ``uint8`` CHW tensor."""
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=tuple(aug.crop_scale), ratio=tuple(aug.crop_ratio), antialias=True),
+        v2.RandomHorizontalFlip(aug.hflip),
+        v2.ToImage(),
+    ])
+
+
+class DeviceAugment:
+    """The rest of the train transform, on a ``uint8`` batch on the training device.
+
+    The same torchvision v2 transforms as ``train_transform``, applied per sample (each painting
+    gets its own jitter and erasing, as in the workers) and seeded per step, so a resumed run
+    augments exactly as the uninterrupted one did.
+    """
+
+    def __init__(self, aug: AugmentConfig) -> None:
+        self.jitter = v2.ColorJitter(*aug.color_jitter)
+        self.erase = v2.RandomErasing(aug.erase_prob, scale=tuple(aug.erase_scale), ratio=tuple(aug.erase_ratio),
+                                      value="random")
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        devices = [images.device.index or 0] if images.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            jittered = torch.stack([self.jitter(image) for image in images])
+            x = jittered.float().div_(255)
+            x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+            return torch.stack([self.erase(image) for image in x])
 
 
 def eval_transform(image_size: int) -> v2.Compose:

@@ -119,3 +119,43 @@ def test_splits_are_deterministic_disjoint_and_order_free():
     np.testing.assert_array_equal(longer["validation"][longer["validation"] < 5000], a["validation"])
     other = make_splits(5000, DataConfig(val_fraction=0.2, test_fraction=0.1, split_seed=4))
     assert not np.array_equal(other["validation"], a["validation"])
+
+
+def test_device_augmentation_is_the_same_recipe_split_in_two():
+    """Workers crop and flip to uint8; the device normalises: together the worker-side recipe."""
+    from PIL import Image
+
+    from crnn_art.transforms import DeviceAugment, train_transform, worker_transform
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    plain = AugmentConfig(color_jitter=[0.0, 0.0, 0.0, 0.0], erase_prob=0.0)
+    torch.manual_seed(5)
+    whole = train_transform(32, plain)(image)
+    torch.manual_seed(5)
+    crop = worker_transform(32, plain)(image)
+    assert crop.dtype == torch.uint8 and crop.shape == (3, 32, 32)
+    torch.testing.assert_close(DeviceAugment(plain)(crop[None], seed=1)[0], whole, atol=1e-5, rtol=0)
+
+    recipe = DeviceAugment(AugmentConfig(erase_prob=0.5))
+    batch = torch.stack([crop] * 6)
+    a, b = recipe(batch, seed=7), recipe(batch, seed=7)
+    assert a.dtype == torch.float32 and torch.equal(a, b)  # seeded: a resumed run augments the same way
+    assert not torch.equal(a[0], a[1])  # each sample gets its own jitter and erasing
+    assert not torch.equal(recipe(batch, seed=8), a)
+
+
+def test_bench_prints_every_figure_it_promises(tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    out = run_cli(["bench", "--quick", "--json", "--image-size", "64", "--batch", "4", "--workers", "1"]).stdout
+    report = json.loads(out[out.index("{"):])
+    pipeline = report["pipeline"]
+    for key in ("seed_images_per_s", "prepared_512_images_per_s", "worker_on_device_images_per_s",
+                "loader_images_per_s"):
+        assert pipeline[key] > 0
+    assert pipeline["device_augment"]["images_per_s"] > 0
+    assert set(report["summary"]) >= {"crnn_vs_resnet50_step_time", "pipeline_speedup_vs_seed",
+                                      "outlier_scoring_seconds"}
+    assert set(report["meets_targets"]) == set(report["summary"]) & set(report["meets_targets"])

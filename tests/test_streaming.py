@@ -118,12 +118,16 @@ def test_two_processes_stream_uneven_shards_with_equal_steps_and_no_row_twice(re
     evaluated = read_json(run / "eval_test" / "metrics.json")
     assert evaluated["num_samples"] == len(read_splits(run / "split.json")["test"])
     assert len(list((run / "streamed").glob("test-*"))) == 1
+    run_cli(["outliers", "--checkpoint", str(run), "--split", "validation", "--top", "3"])
+    assert (run / "outliers_validation" / "outliers.html").stat().st_size > 1000
 
 
 def test_a_streamed_run_stopped_mid_epoch_resumes_to_the_same_weights(repo, tmp_path):
+    """Also with colour jitter and erasing done on the (CPU) device: seeded per step, resumed exactly."""
     from safetensors.torch import load_file
 
-    common = ["--set=data.source=" + str(repo), "--set=train.epochs=2", "--set=augment.mixup_prob=0.3", *STREAM]
+    common = ["--set=data.source=" + str(repo), "--set=train.epochs=2", "--set=augment.mixup_prob=0.3",
+              "--set=augment.on_device=true", *STREAM]
     run_cli(["train", "--output-dir", str(tmp_path / "whole"), *common])
     run_cli(["train", "--output-dir", str(tmp_path / "cut"), *common, "--set=train.max_steps=7"])
     run_cli(["train", "--output-dir", str(tmp_path / "cut"), *common, "--resume", "latest"])
