@@ -115,6 +115,21 @@ def bench_training(device: torch.device, size: int, batch: int, steps: int, prec
     return results
 
 
+def bench_optimizer(device: torch.device, steps: int) -> dict[str, Any]:
+    """One AdamW step over the CRNN's parameters: the for-each implementation against the fused kernel."""
+    from crnn_art.model import CRNNArtClassifier
+
+    net = CRNNArtClassifier(heads={"style": 27}).to(device)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    result: dict[str, Any] = {"parameters": sum(p.numel() for p in net.parameters())}
+    for name, fused in (("foreach", False), ("fused", True)):
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, foreach=not fused or None, fused=fused or None)
+        result[f"{name}_step_ms"] = 1000 * _timed(opt.step, steps, warmup=1, device=device)
+    result["fused_speedup"] = result["foreach_step_ms"] / result["fused_step_ms"]
+    return result
+
+
 def _large_jpegs(n: int, w: int = 1600, h: int = 1280) -> list[bytes]:
     """Painting-like originals: smooth colour fields with texture (compress like real scans)."""
     from PIL import Image
@@ -273,6 +288,7 @@ def run_bench(device: str = "cpu", size: int = 224, batch: int = 16, steps: int 
     for cl in layouts:
         report["training"]["channels_last" if cl else "contiguous"] = bench_training(dev, size, batch, steps,
                                                                                      precision, cl)
+    report["optimizer"] = bench_optimizer(dev, steps)
     report["pipeline"] = bench_pipeline(pipeline_images, workers, device=dev)
     report["outliers"] = bench_outliers(10_000 if quick else 80_000)
     best = min(report["training"].values(), key=lambda r: r["crnn"]["step_s"])
@@ -315,6 +331,9 @@ def print_report(report: dict[str, Any]) -> None:
         table.add_row(f"  CRNN / ResNet-50 step time ({layout})", f"{r['ratio']:.3f}x", "")
         table.add_row(f"evaluation CRNN ({layout})", f"{r['eval']['images_per_s']:.1f} img/s",
                       f"{r['eval']['peak_mb']:.0f}")
+    opt = report["optimizer"]
+    table.add_row(f"AdamW step, {opt['parameters'] / 1e6:.1f} M parameters: for-each / fused",
+                  f"{opt['foreach_step_ms']:.1f} / {opt['fused_step_ms']:.1f} ms ({opt['fused_speedup']:.2f}x)", "")
     p = report["pipeline"]
     table.add_row("pipeline: seed (PIL full decode 1600x1280 + v1 @384)", f"{p['seed_images_per_s']:.1f} img/s", "")
     table.add_row("pipeline: crnn-art (draft decode + v2)", f"{p['draft_decode_images_per_s']:.1f} img/s "

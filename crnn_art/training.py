@@ -69,13 +69,13 @@ def make_progress(console: Console, enabled: bool) -> Progress:
     )
 
 
-def build_optimizer(model: CRNNArtClassifier, cfg: RunConfig) -> torch.optim.AdamW:
+def build_optimizer(model: CRNNArtClassifier, cfg: RunConfig, fused: bool = False) -> torch.optim.AdamW:
     """Two groups (SPEC §3): the pretrained trunk learns slower than the new modules."""
     groups = [
         {"params": model.backbone_parameters(), "lr": cfg.train.backbone_lr, "name": "backbone"},
         {"params": model.new_parameters(), "lr": cfg.train.lr, "name": "new"},
     ]
-    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay, fused=fused or None)
 
 
 def stem_trainable(cfg: RunConfig, epoch: int) -> bool:
@@ -227,7 +227,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     raw_model = model
-    optimizer = build_optimizer(model, cfg)
+    fused = t.fused_adamw if t.fused_adamw is not None else accelerator.device.type in ("cpu", "cuda")
+    optimizer = build_optimizer(model, cfg, fused)
     # The schedule spans the whole planned run (the seed's T_max=15 for 10 epochs was an oversight);
     # train.max_steps stops early without changing it, so a stopped run can be resumed exactly.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=t.min_lr)

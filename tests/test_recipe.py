@@ -27,6 +27,25 @@ def test_two_optimizer_groups_cover_every_parameter_once():
     assert {id(p) for p in groups["backbone"]["params"]} == {id(p) for p in model.trunk.parameters()}
 
 
+def test_fused_adamw_makes_the_same_update():
+    """train.fused_adamw only changes the kernel, not the step (two groups, weight decay included)."""
+    cfg = resolve_config("style")
+    torch.manual_seed(0)
+    a = CRNNArtClassifier(heads={"style": 5})
+    b = CRNNArtClassifier(heads={"style": 5})
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    for model, fused in ((a, False), (b, True)):
+        opt = build_optimizer(model, cfg, fused)
+        assert bool(opt.defaults["fused"]) is fused
+        model.train()
+        torch.manual_seed(1)  # the same dropout masks
+        model(x).logits["style"].sum().backward()
+        opt.step()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_unfreeze_schedule():
     style = resolve_config("style")
     assert [stem_trainable(style, e) for e in (1, 6, 7, 20)] == [False, False, True, True]
@@ -156,6 +175,7 @@ def test_bench_prints_every_figure_it_promises(tmp_path):
                 "loader_images_per_s"):
         assert pipeline[key] > 0
     assert pipeline["device_augment"]["images_per_s"] > 0
+    assert report["optimizer"]["foreach_step_ms"] > 0 and report["optimizer"]["fused_step_ms"] > 0
     assert set(report["summary"]) >= {"crnn_vs_resnet50_step_time", "pipeline_speedup_vs_seed",
                                       "outlier_scoring_seconds"}
     assert set(report["meets_targets"]) == set(report["summary"]) & set(report["meets_targets"])
