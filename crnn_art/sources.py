@@ -51,9 +51,7 @@ def open_source(cfg: DataConfig) -> Source:
 
     source = cfg.source
     if cfg.streaming:
-        parquet_dir = os.path.isdir(source) and (any(Path(source).glob("*.parquet"))
-                                                 or any(Path(source).glob("data/*.parquet")))
-        if source in ("demo", "artgan") or (os.path.isdir(source) and not parquet_dir):
+        if source in ("demo", "artgan") or (os.path.isdir(source) and not _has_parquet(Path(source))):
             raise DataError(
                 f"data.streaming reads parquet files (a Hub id, the Hub's file layout, .parquet files), "
                 f"not {source!r}, which is read from local disk anyway: set data.streaming=false"
@@ -102,10 +100,15 @@ def _local_folder(source: str, cfg: DataConfig) -> Source:
         if isinstance(ds, datasets.DatasetDict):
             return _concatenate_splits(ds, source)
         return Source(ds)
-    if list(root.glob("*.parquet")) or list(root.glob("data/*.parquet")):
+    if _has_parquet(root):
         # the Hub's file layout (data/train-0000x-of-0000n.parquet): the same load_dataset path as the Hub
         return Source(datasets.load_dataset(source, split="train"))
     return _image_folder(root, cfg)
+
+
+def _has_parquet(root: Path) -> bool:
+    """Parquet files at the top or in ``data/`` (the Hub's layout)."""
+    return any(root.glob("*.parquet")) or any(root.glob("data/*.parquet"))
 
 
 def _concatenate_splits(dsd, source: str) -> Source:

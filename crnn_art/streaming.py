@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crnn_art.config import DataConfig
+from crnn_art.config import DataConfig, RunConfig
 from crnn_art.decoding import DecodeError, decode_image
 from crnn_art.sampling import _mix_seed
 from crnn_art.sources import DataError, check_schema
@@ -285,6 +285,24 @@ class StreamedBatches:
 
         for _ in range(count):
             yield collate([next(samples) for _ in range(self.micro_batch)], keep_skipped=False)
+
+
+def streamed_batches(src: StreamSource, train_rows: np.ndarray, labels: np.ndarray, transform, min_side: int,
+                     cfg: RunConfig, rank: int, world: int, local_batch: int) -> StreamedBatches:
+    """This process's training batches from the stream, every epoch planned before the first one."""
+    t = cfg.train
+    wanted = np.zeros(src.num_rows, dtype=bool)
+    wanted[train_rows] = True
+    plans = plan_epochs(src, wanted, t.seed, cfg.data.shuffle_buffer, world, local_batch, t.epochs)
+    if min(p["steps"] for p in plans) == 0:
+        raise ValueError(
+            f"a process gets fewer than {local_batch} training rows in some epoch "
+            f"({plans[0]['rows_per_process']}); lower train.batch_size or use more data"
+        )
+    stream = node_stream(src, wanted, t.seed, cfg.data.shuffle_buffer, rank, world)
+    dataset = StreamingPaintings(stream, labels, transform, min_side, t.seed)
+    return StreamedBatches(dataset, plans, local_batch // t.grad_accum_steps, t.grad_accum_steps,
+                           cfg.data.num_workers)
 
 
 def _rows_digest(rows: np.ndarray) -> str:

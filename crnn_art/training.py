@@ -51,7 +51,7 @@ from crnn_art.model import CRNNArtClassifier
 from crnn_art.runtime import make_accelerator
 from crnn_art.sampling import GlobalDrawBatchSampler, _mix_seed, balanced_weights, local_batch_size
 from crnn_art.sources import DataError, make_splits, open_source, task_labels, write_splits
-from crnn_art.streaming import StreamedBatches, StreamingPaintings, balanced_class_weights, node_stream, plan_epochs
+from crnn_art.streaming import balanced_class_weights, streamed_batches
 from crnn_art.transforms import DeviceAugment, eval_resize, eval_transform, train_transform, worker_transform
 
 
@@ -193,18 +193,9 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
             train_set = PaintingDataset(source, splits["train"], labels.labels, augment, train_side)
             train_batches = DrawnBatches(train_set, sampler, cfg.data.num_workers)
         else:
-            wanted = np.zeros(len(source), dtype=bool)
-            wanted[splits["train"]] = True
-            plans = plan_epochs(opened.stream, wanted, t.seed, cfg.data.shuffle_buffer, world, local_batch, t.epochs)
-            if min(p["steps"] for p in plans) == 0:
-                raise ValueError(
-                    f"a process gets fewer than {local_batch} training rows in some epoch "
-                    f"({plans[0]['rows_per_process']}); lower train.batch_size or use more data"
-                )
-            stream = node_stream(opened.stream, wanted, t.seed, cfg.data.shuffle_buffer, rank, world)
-            train_set = StreamingPaintings(stream, labels.labels, augment, train_side, t.seed)
-            train_batches = StreamedBatches(train_set, plans, local_batch // t.grad_accum_steps, t.grad_accum_steps,
-                                            cfg.data.num_workers)
+            train_batches = streamed_batches(opened.stream, splits["train"], labels.labels, augment, train_side, cfg,
+                                             rank, world, local_batch)
+            plans = train_batches.plans
             if t.balanced_sampling:  # a stream cannot be drawn by weight: balance the loss instead
                 class_weights = {h: w.to(accelerator.device) for h, w in
                                  balanced_class_weights(labels.labels[splits["train"]], labels.num_classes).items()}
