@@ -49,18 +49,25 @@ class PaintingDataset(Dataset):
         to -1, so batches keep their shape across processes and no metric counts them.
         """
         position, seed = key if isinstance(key, tuple) else (key, None)
-        row = int(self.rows[position])
-        try:
-            image = decode_image(self.images[int(self.image_index[position])]["image"], self.min_side)
-        except DecodeError:
-            return {"image": None, "labels": torch.full_like(self.labels[position], -1), "row": row, "skipped": True}
-        if seed is None:
-            tensor = self.transform(image)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                tensor = self.transform(image)
-        return {"image": tensor, "labels": self.labels[position], "row": row, "skipped": False}
+        cell = self.images[int(self.image_index[position])]["image"]
+        return load_sample(cell, self.labels[position], int(self.rows[position]), self.transform, self.min_side, seed)
+
+
+def load_sample(cell: dict[str, Any], labels: torch.Tensor, row: int, transform, min_side: int | None,
+                seed: int | None) -> dict[str, Any]:
+    """Decode one image cell (``{"bytes", "path"}``) and transform it, with torch's generator set to
+    ``seed`` if given; an undecodable file gives ``skipped=True``, no image and every label -1."""
+    try:
+        image = decode_image(cell, min_side)
+    except DecodeError:
+        return {"image": None, "labels": torch.full_like(labels, -1), "row": row, "skipped": True}
+    if seed is None:
+        tensor = transform(image)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            tensor = transform(image)
+    return {"image": tensor, "labels": labels, "row": row, "skipped": False}
 
 
 def collate(samples: list[dict[str, Any]], keep_skipped: bool) -> dict[str, Any]:

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from crnn_art.config import DataConfig, RunConfig
-from crnn_art.decoding import DecodeError, decode_image
 from crnn_art.sampling import _mix_seed
 from crnn_art.sources import DataError, check_schema
 
@@ -59,6 +58,12 @@ class StreamSource:
     @property
     def num_rows(self) -> int:
         return len(self.labels)
+
+    def mask(self, rows: np.ndarray) -> np.ndarray:
+        """A boolean per row id: True for ``rows`` (what the stream should yield)."""
+        wanted = np.zeros(self.num_rows, dtype=bool)
+        wanted[rows] = True
+        return wanted
 
 
 def parquet_files(cfg: DataConfig) -> list[str]:
@@ -178,13 +183,14 @@ def plan_epochs(src: StreamSource, wanted: np.ndarray, seed: int, buffer_size: i
 
     per_piece = np.array([int(wanted[p.first_row:p.first_row + p.num_rows].sum()) for p in src.pieces])
     total = int(per_piece.sum())
+    by_shards = len(src.pieces) >= world
+    probes = [_stream(_piece_numbers, list(range(len(src.pieces))), {}, Features({"piece": Value("int64")}),
+                      seed, 1, rank, world) for rank in range(world)] if by_shards else []
     plans = []
     for epoch in range(1, epochs + 1):
-        if len(src.pieces) >= world:
+        if by_shards:
             shares = []
-            for rank in range(world):
-                probe = _stream(_piece_numbers, list(range(len(src.pieces))), {}, Features({"piece": Value("int64")}),
-                                seed, 1, rank, world)
+            for probe in probes:
                 probe.set_epoch(epoch)
                 shares.append(int(sum(per_piece[r["piece"]] for r in probe)))
         else:
@@ -227,17 +233,12 @@ class StreamingPaintings(torch.utils.data.IterableDataset):
         self.stream.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        from crnn_art.loaders import load_sample
+
         for record in self.stream:
             row = record["row"]
-            try:
-                image = decode_image({"bytes": record["bytes"], "path": record["path"]}, self.min_side)
-            except DecodeError:
-                yield {"image": None, "labels": torch.full_like(self.labels[row], -1), "row": row, "skipped": True}
-                continue
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix_seed(self.seed, self.epoch, row))
-                tensor = self.transform(image)
-            yield {"image": tensor, "labels": self.labels[row], "row": row, "skipped": False}
+            yield load_sample({"bytes": record["bytes"], "path": record["path"]}, self.labels[row], row,
+                              self.transform, self.min_side, _mix_seed(self.seed, self.epoch, row))
 
 
 def _identity(sample: Any) -> Any:
@@ -291,8 +292,7 @@ def streamed_batches(src: StreamSource, train_rows: np.ndarray, labels: np.ndarr
                      cfg: RunConfig, rank: int, world: int, local_batch: int) -> StreamedBatches:
     """This process's training batches from the stream, every epoch planned before the first one."""
     t = cfg.train
-    wanted = np.zeros(src.num_rows, dtype=bool)
-    wanted[train_rows] = True
+    wanted = src.mask(train_rows)
     plans = plan_epochs(src, wanted, t.seed, cfg.data.shuffle_buffer, world, local_batch, t.epochs)
     if min(p["steps"] for p in plans) == 0:
         raise ValueError(
@@ -332,13 +332,11 @@ def materialize_split(src: StreamSource, rows: np.ndarray, cache_dir: str | os.P
         tmp = folder.with_name(f".{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        wanted = np.zeros(src.num_rows, dtype=bool)
-        wanted[rows] = True
         if console is not None:
             console.print(f"streaming the {len(rows)} images of the {name} split once into {folder}")
         features = Features({"row": Value("int64"), "image": ImageFeature(decode=False)})
         with ArrowWriter(features=features, path=str(tmp / "data.arrow")) as writer:
-            for record in _read_pieces(src.pieces, wanted):
+            for record in _read_pieces(src.pieces, src.mask(rows)):
                 writer.write({"row": record["row"], "image": {"bytes": record["bytes"], "path": record["path"]}})
             writer.finalize()
         try:
