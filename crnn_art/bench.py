@@ -9,7 +9,8 @@ where absolute numbers depend on the hardware:
 - input pipeline images/s in one process: the seed's pipeline (full PIL decode of a 1600x1280 JPEG,
   torchvision v1 transforms at 384) vs crnn-art's (draft-mode decode, v2 transforms) on the same
   originals and on 512 px prepared images (target >= 4x the seed's), and the full DataLoader with N workers;
-- outlier scoring of 80,000 x 3,072 embeddings over 27 classes (target < 5 s on a 2-core CPU);
+- outlier scoring of 80,000 x 3,072 embeddings over 27 classes, centroids and nearest neighbours
+  (target < 5 s on a 2-core CPU);
 - peak memory of each (CUDA: allocator peak; CPU: resident-set peak).
 """
 
@@ -241,7 +242,7 @@ def _loader_rate(prepared: list[bytes], workers: int, size: int) -> float:
 
 
 def bench_outliers(n: int = 80_000, dim: int = 3072, classes: int = 27) -> dict[str, Any]:
-    from crnn_art.outliers import centroids_from_sums, class_sums, score_head
+    from crnn_art.outliers import centroids_from_sums, class_sums, gather_references, knn_agreement, project, score_head
 
     gen = torch.Generator().manual_seed(0)
     z = F.normalize(torch.randn(n, dim, generator=gen), dim=1)
@@ -250,11 +251,16 @@ def bench_outliers(n: int = 80_000, dim: int = 3072, classes: int = 27) -> dict[
     cpu = torch.device("cpu")
     _reset_peak(cpu)
     start = time.perf_counter()
+    rows = torch.arange(n)
     sums, counts = class_sums(z, labels, classes)
-    scored = score_head("style", z, logits, labels, torch.arange(n), centroids_from_sums(sums, counts))
+    zp = project(z)
+    references = gather_references(zp, labels, rows, counts)
+    agreement = knn_agreement(zp, labels, rows, *references)
+    scored = score_head("style", z, logits, labels, rows, centroids_from_sums(sums, counts), agreement)
     seconds = time.perf_counter() - start
     assert len(scored) == n
-    return {"samples": n, "dim": dim, "classes": classes, "seconds": seconds, "peak_mb": _peak_mb(cpu)}
+    return {"samples": n, "dim": dim, "classes": classes, "references": len(references[2]), "seconds": seconds,
+            "peak_mb": _peak_mb(cpu)}
 
 
 def crnn_train_flops(size: int) -> float:
@@ -347,7 +353,8 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{d['images_per_s']:.1f} img/s", "")
     table.add_row(f"DataLoader, {p['loader_workers']} workers, prepared", f"{p['loader_images_per_s']:.1f} img/s", "")
     o = report["outliers"]
-    table.add_row(f"outlier scoring {o['samples']:,} x {o['dim']}, {o['classes']} classes", f"{o['seconds']:.2f} s",
+    table.add_row(f"outlier scoring {o['samples']:,} x {o['dim']}, {o['classes']} classes, "
+                  f"{o['references']:,} neighbour references", f"{o['seconds']:.2f} s",
                   f"{o['peak_mb']:.0f}")
     console.print(table)
     if "model_flop_utilisation" in report["summary"]:

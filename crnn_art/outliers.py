@@ -9,10 +9,20 @@ Across processes only small things travel: per-class embedding sums and counts a
 (classes x 3,072 numbers, whatever the number of images), every sample is scored on the process
 that embedded it, and only the per-sample scores are gathered.
 
-The shipped ranking score is ``(1 - own_sim) - margin + (1 - p_given)``: the seed's geometric
-terms plus how improbable the classifier finds the given label (continuous, where the seed added
-0.25 for a mismatch). ``crnn-art outliers`` measures it against the two baselines when the wrong
+The shipped ranking score is ``(1 - own_sim) - margin + (1 - p_given) + (1 - knn_agree)``: the
+seed's geometric terms, how improbable the classifier finds the given label (continuous, where the
+seed added 0.25 for a mismatch), and the share of the painting's nearest neighbours in embedding
+space that carry another label. Centroids see a class as one blob; neighbours see its sub-groups
+(a style painted in several genres), and a painting with a wrong label sits among paintings of
+its true class. ``crnn-art outliers`` measures the score against the two baselines when the wrong
 labels are known (the demo data).
+
+Neighbours are looked up among at most ``MAX_REFERENCES`` reference paintings, about the same
+number per class (all of a class when it has fewer), picked by a hash of the row id so the choice
+does not depend on the number of processes. References travel as 64-d random projections of the
+embeddings (cosines kept to within about 1/sqrt(64); on the demo runs 32 to 256 dimensions found
+the same wrong labels): what crosses processes stays bounded by ``MAX_REFERENCES`` x 64 numbers,
+whatever the size of the split.
 """
 
 from __future__ import annotations
@@ -32,8 +42,11 @@ import torch
 import torch.nn.functional as F
 
 SELECT_MODES = ("top", "threshold", "zscore")
+KNN_K = 10
+KNN_DIM = 64
+MAX_REFERENCES = 8192
 SCORERS = {
-    "crnn-art": "shipped: (1 - own_sim) - margin + (1 - p_given)",
+    "crnn-art": "shipped: (1 - own_sim) - margin + (1 - p_given) + (1 - knn_agree)",
     "low-confidence": "baseline: 1 - p_given (lowest confidence in the given label)",
     "seed": "baseline: (1 - own_sim) - margin + 0.25 * mismatch (the seed's formula)",
 }
@@ -51,6 +64,7 @@ class Scored:
     p_given: float
     own_sim: float
     margin: float
+    knn_agree: float
     score: float
     seed_score: float
     low_conf_score: float
@@ -73,9 +87,58 @@ def centroids_from_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tenso
     return F.normalize(means, dim=1).to(torch.float32)
 
 
+def project(z: torch.Tensor, dim: int = KNN_DIM, seed: int = 0) -> torch.Tensor:
+    """A fixed random projection of normalised embeddings to ``dim``, normalised again (the same matrix
+    on every process and run)."""
+    matrix = torch.randn(z.shape[1], dim, generator=torch.Generator().manual_seed(seed)) / dim**0.5
+    return F.normalize(z.float() @ matrix.to(z.device), dim=1)
+
+
+def row_uniform(rows: torch.Tensor) -> torch.Tensor:
+    """A uniform number in [0, 1) per row id (splitmix64), the same on every process and run."""
+    x = rows.cpu().numpy().astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) / 2.0**53).to(rows.device)
+
+
+def reference_mask(rows: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
+                   max_references: int = MAX_REFERENCES) -> torch.Tensor:
+    """Which samples serve as neighbours: about ``max_references / classes`` per class (all of a smaller
+    class), chosen by row id only. ``counts`` are the split's per-class counts over all processes."""
+    per_class = max_references / len(counts)
+    keep = per_class / counts.to(torch.float64).clamp(min=1)
+    return row_uniform(rows) < keep.to(rows.device)[labels]
+
+
+def knn_agreement(z: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, ref_z: torch.Tensor,
+                  ref_labels: torch.Tensor, ref_rows: torch.Tensor, k: int = KNN_K, chunk: int = 4096) -> torch.Tensor:
+    """Share of each sample's ``k`` most similar references (itself excluded) that carry its label.
+
+    ``ref_rows`` must be sorted (``gather_references`` returns them so). Similarities in float64, so
+    a different split of the samples over processes cannot reorder near-equal neighbours.
+    """
+    ref_z, ref_labels, ref_rows = ref_z.to(z.device, torch.float64), ref_labels.to(z.device), ref_rows.to(z.device)
+    k = min(k, len(ref_rows) - 1)
+    if k < 1:
+        return torch.ones(len(labels), device=z.device)
+    out = []
+    for start in range(0, len(labels), chunk):
+        part = rows[start:start + chunk]
+        sims = z[start:start + chunk].to(torch.float64) @ ref_z.T
+        at = torch.searchsorted(ref_rows, part).clamp(max=len(ref_rows) - 1)
+        is_ref = ref_rows[at] == part
+        sims[is_ref.nonzero().squeeze(1), at[is_ref]] = -torch.inf  # a reference is not its own neighbour
+        nearest = sims.topk(k, dim=1).indices
+        out.append((ref_labels[nearest] == labels[start:start + chunk, None]).float().mean(dim=1))
+    return torch.cat(out) if out else torch.zeros(0, device=z.device)
+
+
 def score_head(head: str, z: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
-               centroids: torch.Tensor) -> list[Scored]:
-    """Score samples with a known label: centroid similarity, margin, real-logit prediction."""
+               centroids: torch.Tensor, agreement: torch.Tensor) -> list[Scored]:
+    """Score samples with a known label: centroid similarity, margin, real-logit prediction, and the
+    neighbours' ``agreement`` with the label (from ``knn_agreement``)."""
     sims = z @ centroids.T
     n = len(labels)
     idx = torch.arange(n, device=z.device)
@@ -87,14 +150,28 @@ def score_head(head: str, z: torch.Tensor, logits: torch.Tensor, labels: torch.T
     confidence, pred = probs.max(dim=1)
     p_given = probs[idx, labels]
     mismatch = (pred != labels).float()
-    score = (1 - own) - margin + (1 - p_given)
+    agreement = agreement.to(own.device, own.dtype)
+    score = (1 - own) - margin + (1 - p_given) + (1 - agreement)
     seed = (1 - own) - margin + 0.25 * mismatch
-    cols = [t.detach().cpu().tolist() for t in (rows, labels, pred, confidence, p_given, own, margin, score, seed)]
+    cols = [t.detach().cpu().tolist()
+            for t in (rows, labels, pred, confidence, p_given, own, margin, agreement, score, seed)]
     return [
-        Scored(head, int(r), int(y), int(p), float(c), float(pg), float(o), float(m), float(s), float(sd),
-               1 - float(pg))
-        for r, y, p, c, pg, o, m, s, sd in zip(*cols, strict=True)
+        Scored(head, int(r), int(y), int(p), float(c), float(pg), float(o), float(m), float(a), float(s),
+               float(sd), 1 - float(pg))
+        for r, y, p, c, pg, o, m, a, s, sd in zip(*cols, strict=True)
     ]
+
+
+def gather_references(zp: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
+                      max_references: int = MAX_REFERENCES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every process's reference samples (projected embedding, label, row), on every process, in row order."""
+    from accelerate.utils import gather_object
+
+    keep = reference_mask(rows, labels, counts, max_references)
+    parts = gather_object([(zp[keep].cpu(), labels[keep].cpu(), rows[keep].cpu())])
+    ref_z, ref_labels, ref_rows = (torch.cat([p[i] for p in parts]) for i in range(3))
+    order = ref_rows.argsort()
+    return ref_z[order], ref_labels[order], ref_rows[order]
 
 
 def apply_rules(scored: list[Scored], z_threshold: float = 2.5, confident: float = 0.7) -> None:
@@ -102,7 +179,8 @@ def apply_rules(scored: list[Scored], z_threshold: float = 2.5, confident: float
 
     low_similarity: own-centroid similarity more than ``z_threshold`` robust SDs below its class's
     median; small_margin: margin <= 0 (closer to another class's centroid); confident_mismatch:
-    the classifier predicts another class with probability >= ``confident``.
+    the classifier predicts another class with probability >= ``confident``; neighbours_disagree:
+    fewer than half of its nearest neighbours carry its label.
     """
     by_class: dict[tuple[str, int], list[Scored]] = {}
     for s in scored:
@@ -120,6 +198,8 @@ def apply_rules(scored: list[Scored], z_threshold: float = 2.5, confident: float
                 flags.append("small_margin")
             if s.pred != s.label and s.confidence >= confident:
                 flags.append("confident_mismatch")
+            if s.knn_agree < 0.5:
+                flags.append("neighbours_disagree")
             s.flags = "+".join(flags)
             s.zscore = float((s.score - sc_med) / sc_mad)
 
@@ -193,7 +273,7 @@ def find_outliers(checkpoint: str, split: str = "train", top: int = 50, mode: st
     if mode not in SELECT_MODES:
         raise ConfigError(f"--select {mode!r} is not allowed; choose one of {', '.join(SELECT_MODES)}")
     if mode == "threshold" and threshold is None:
-        raise ConfigError("--select threshold needs --threshold SCORE (scores run from about -2 to 5)")
+        raise ConfigError("--select threshold needs --threshold SCORE (scores run from about -2 to 6)")
     run = open_run_split(checkpoint, split)
     cfg, run_dir, accelerator, dataset, rows = run.cfg, run.run_dir, run.accelerator, run.dataset, run.rows
     console = Console(quiet=not accelerator.is_main_process, highlight=False)
@@ -212,7 +292,10 @@ def find_outliers(checkpoint: str, split: str = "train", top: int = 50, mode: st
         sums, counts = class_sums(z_local[known], y, model.heads_spec[head])
         sums, counts = accelerator.reduce(sums, "sum"), accelerator.reduce(counts, "sum")
         centroids = centroids_from_sums(sums, counts)
-        scored += score_head(head, z_local[known], logits[head][known], y, row_ids[known], centroids)
+        zp = project(z_local[known])
+        references = gather_references(zp, y, row_ids[known], counts)
+        agreement = knn_agreement(zp, y, row_ids[known], *references)
+        scored += score_head(head, z_local[known], logits[head][known], y, row_ids[known], centroids, agreement)
     scored = gather_object(scored)
     apply_rules(scored, confident=0.7)
 
@@ -237,12 +320,13 @@ def find_outliers(checkpoint: str, split: str = "train", top: int = 50, mode: st
         _write_html(out / "outliers.html", selected_all, model, dataset, rows, split)
         (out / "outliers.json").write_text(json.dumps(result, indent=2))
         table = Table(title=f"top outliers of the {split} split (of {len(scored)} scored)")
-        for col in ("rank", "row", "head", "given", "predicted", "conf", "own_sim", "margin", "score", "flags"):
+        for col in ("rank", "row", "head", "given", "predicted", "conf", "own_sim", "margin", "nbrs agree", "score",
+                    "flags"):
             table.add_column(col)
         for i, s in enumerate(selected_all[:15], 1):
             names = model.class_names[s.head]
             table.add_row(str(i), str(s.row), s.head, names[s.label], names[s.pred], f"{s.confidence:.2f}",
-                          f"{s.own_sim:.3f}", f"{s.margin:.3f}", f"{s.score:.3f}", s.flags)
+                          f"{s.own_sim:.3f}", f"{s.margin:.3f}", f"{s.knn_agree:.0%}", f"{s.score:.3f}", s.flags)
         console.print(table)
         console.print(f"written {out}/: outliers.csv, outliers.html, all_scores.csv, outliers.json")
     accelerator.end_training()
@@ -277,13 +361,14 @@ def _write_csv(path: Path, scored: list[Scored], class_names: dict[str, list[str
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["rank", "row", "head", "true_label", "predicted_label", "confidence", "own_similarity",
-                         "margin", "p_given", "score", "flagged_by"])
+                         "margin", "p_given", "knn_agreement", "score", "flagged_by"])
         ranks: dict[str, int] = {}
         for s in scored:
             ranks[s.head] = ranks.get(s.head, 0) + 1
             names = class_names[s.head]
             writer.writerow([ranks[s.head], s.row, s.head, names[s.label], names[s.pred], f"{s.confidence:.4f}",
-                             f"{s.own_sim:.4f}", f"{s.margin:.4f}", f"{s.p_given:.4f}", f"{s.score:.4f}", s.flags])
+                             f"{s.own_sim:.4f}", f"{s.margin:.4f}", f"{s.p_given:.4f}", f"{s.knn_agree:.2f}",
+                             f"{s.score:.4f}", s.flags])
 
 
 @torch.no_grad()
@@ -308,7 +393,8 @@ def _write_html(path: Path, selected: list[Scored], model, dataset, rows: np.nda
             f"<img src='{_png(overlay(view, amap))}' title='row x column attention'></div>"
             f"<b>#{i}</b> row {s.row} ({html.escape(s.head)})<br>given <b>{html.escape(names[s.label])}</b>, "
             f"predicted <b>{html.escape(names[s.pred])}</b> ({s.confidence:.2f})<br>"
-            f"own sim {s.own_sim:.3f}, margin {s.margin:.3f}, score {s.score:.3f}<br>"
+            f"own sim {s.own_sim:.3f}, margin {s.margin:.3f}, neighbours agree {s.knn_agree:.0%}, "
+            f"score {s.score:.3f}<br>"
             f"<i>{html.escape(s.flags or '-')}</i></div>"
         )
     page = (
@@ -318,7 +404,8 @@ def _write_html(path: Path, selected: list[Scored], model, dataset, rows: np.nda
         "object-fit:contain;margin-right:2px;image-rendering:auto}</style>"
         f"<h1>Paintings whose label does not fit — {html.escape(split)} split</h1>"
         "<p>Left: the painting as the model sees it; right: the row x column attention map over it. "
-        "Ranked by score = (1 - own-centroid similarity) - margin + (1 - p(given label)).</p>"
+        "Ranked by score = (1 - own-centroid similarity) - margin + (1 - p(given label)) "
+        "+ (1 - share of nearest neighbours with the same label).</p>"
         + "".join(cards)
     )
     path.write_text(page)

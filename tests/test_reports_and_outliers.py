@@ -12,7 +12,18 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, top_k_accuracy_score
 
 from crnn_art.evaluation import Predictions, compute_metrics, head_metrics
-from crnn_art.outliers import apply_rules, centroids_from_sums, class_sums, quality, rank, score_head
+from crnn_art.outliers import (
+    apply_rules,
+    centroids_from_sums,
+    class_sums,
+    gather_references,
+    knn_agreement,
+    project,
+    quality,
+    rank,
+    reference_mask,
+    score_head,
+)
 from crnn_art.reports import add_reports
 from tests.conftest import run_cli, scratch, tiny_overrides
 
@@ -66,12 +77,16 @@ def _clusters(n_per_class=40, classes=4, dim=32, flips=6, seed=0):
 
 def test_flipped_labels_rank_at_the_top():
     z, logits, given, flipped = _clusters()
+    rows = torch.arange(len(given))
     sums, counts = class_sums(z, given, 4)
-    scored = score_head("style", z, logits, given, torch.arange(len(given)), centroids_from_sums(sums, counts))
+    zp = project(z)
+    agreement = knn_agreement(zp, given, rows, *gather_references(zp, given, rows, counts))
+    scored = score_head("style", z, logits, given, rows, centroids_from_sums(sums, counts), agreement)
     apply_rules(scored)
     ranked = rank(scored)
     assert {s.row for s in ranked[: len(flipped)]} == flipped
     assert all("confident_mismatch" in s.flags or "small_margin" in s.flags for s in ranked[: len(flipped)])
+    assert all("neighbours_disagree" in s.flags for s in ranked[: len(flipped)])
     q = quality(ranked, flipped)
     assert q["crnn-art"]["precision_at_k"] == 100.0
 
@@ -85,6 +100,32 @@ def test_centroid_reduction_equals_single_process():
     torch.testing.assert_close(sums, whole_sums)
     torch.testing.assert_close(counts, whole_counts)
     torch.testing.assert_close(centroids_from_sums(sums, counts), centroids_from_sums(whole_sums, whole_counts))
+
+
+def test_neighbour_agreement_equals_brute_force_nearest_neighbours():
+    """knn_agreement against scikit-learn's exact cosine neighbours, each sample's own row left out."""
+    from sklearn.neighbors import NearestNeighbors
+
+    z, _, given, _ = _clusters(seed=2)
+    rows = torch.arange(len(given)) * 3 + 7  # row ids need not be positions
+    agreement = knn_agreement(z, given, rows, z, given, rows, k=5)
+    nn = NearestNeighbors(n_neighbors=6, metric="cosine", algorithm="brute").fit(z.numpy())
+    _, idx = nn.kneighbors(z.numpy())
+    expected = [(given[[j for j in row if j != i][:5]] == given[i]).float().mean() for i, row in enumerate(idx)]
+    torch.testing.assert_close(agreement, torch.stack(expected))
+
+
+def test_references_do_not_depend_on_the_number_of_processes():
+    """Each class keeps about max_references / classes references (all of a small class), by row id only."""
+    rng = np.random.default_rng(0)
+    labels = torch.as_tensor(np.concatenate([np.zeros(5000), np.ones(3000), np.full(40, 2)]).astype(np.int64))
+    rows = torch.as_tensor(rng.permutation(len(labels)) + 1000)
+    counts = torch.bincount(labels)
+    whole = reference_mask(rows, labels, counts, max_references=600)
+    strided = [reference_mask(rows[i::3], labels[i::3], counts, max_references=600) for i in range(3)]
+    assert sorted(rows[whole].tolist()) == sorted(r for i in range(3) for r in rows[i::3][strided[i]].tolist())
+    kept = torch.bincount(labels[whole], minlength=3)
+    assert 150 <= kept[0] <= 250 and 150 <= kept[1] <= 250 and kept[2] == 40
 
 
 @pytest.fixture(scope="module")
