@@ -11,7 +11,11 @@ where absolute numbers depend on the hardware:
   originals and on 512 px prepared images (target >= 4x the seed's), and the full DataLoader with N workers;
 - outlier scoring of 80,000 x 3,072 embeddings over 27 classes, centroids and nearest neighbours
   (target < 5 s on a 2-core CPU);
-- peak memory of each (CUDA: allocator peak; CPU: resident-set peak).
+- peak memory of each (CUDA: allocator peak; CPU: resident-set peak);
+- with ``--compile``: the CRNN's step with its ResNet trunk under ``torch.compile`` (``model.compile_trunk``)
+  vs eager, and the one-off compile time, which the option must earn back;
+- JPEG decoding in batches with ``torchvision.io.decode_jpeg`` on the bench device (on CUDA: nvJPEG)
+  vs PIL's draft-mode decode in one worker, the figure a GPU-decode input path would have to beat.
 """
 
 from __future__ import annotations
@@ -114,6 +118,68 @@ def bench_training(device: torch.device, size: int, batch: int, steps: int, prec
         del net, opt
     results["ratio"] = results["crnn"]["step_s"] / results["resnet50"]["step_s"]
     return results
+
+
+def bench_compile(device: torch.device, size: int, batch: int, steps: int, precision: str,
+                  channels_last: bool) -> dict[str, Any]:
+    """CRNN train step with the ResNet trunk compiled in place (GRUs eager) vs eager, same settings.
+
+    The first compiled step includes compilation: reported apart as ``compile_s``, with the number of
+    steps the faster step needs to pay it back.
+    """
+    from crnn_art.model import CRNNArtClassifier
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=fmt)
+    y = torch.randint(0, 27, (batch,), device=device)
+    results: dict[str, Any] = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        net = CRNNArtClassifier(heads={"style": 27}).to(device).to(memory_format=fmt).train()
+        if name == "compiled":
+            net.trunk.compile()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+
+        def step(net=net, opt=opt) -> None:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(net(x).logits["style"].float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        first = _timed(step, 1, warmup=0, device=device)
+        _reset_peak(device)
+        seconds = _timed(step, steps, warmup=1, device=device)
+        results[name] = {"first_step_s": first, "step_s": seconds, "images_per_s": batch / seconds,
+                         "peak_mb": _peak_mb(device)}
+        del net, opt
+    eager, compiled = results["eager"]["step_s"], results["compiled"]["step_s"]
+    results["speedup"] = eager / compiled
+    results["compile_s"] = results["compiled"]["first_step_s"] - compiled
+    results["payback_steps"] = results["compile_s"] / (eager - compiled) if eager > compiled else None
+    return results
+
+
+def bench_jpeg_decode(device: torch.device, n_images: int, batch: int = 16) -> dict[str, Any]:
+    """Decode 1600x1280 JPEGs: batched ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG on CUDA) vs
+    PIL's draft-mode decode (to the 384 px recipe's needs) in one CPU process, as a worker does it."""
+    from torchvision.io import decode_jpeg
+
+    from crnn_art.decoding import decode_image
+    from crnn_art.transforms import eval_resize
+
+    originals = _large_jpegs(min(n_images, batch))
+    data = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in originals]
+    data = (data * (batch // len(data) + 1))[:batch]
+    min_side = max(eval_resize(384), int(np.ceil(384 / np.sqrt(0.7))))
+    start = time.perf_counter()
+    for d in originals:
+        decode_image({"bytes": d, "path": None}, min_side)
+    pil_rate = len(originals) / (time.perf_counter() - start)
+    seconds = _timed(lambda: decode_jpeg(data, device=device), 3, warmup=1, device=device)
+    return {"device": str(device), "batch": batch, "decode_jpeg_images_per_s": batch / seconds,
+            "pil_draft_images_per_s": pil_rate, "ratio": batch / seconds / pil_rate}
 
 
 def bench_optimizer(device: torch.device, steps: int) -> dict[str, Any]:
@@ -278,7 +344,7 @@ def crnn_train_flops(size: int) -> float:
 
 def run_bench(device: str = "cpu", size: int = 224, batch: int = 16, steps: int = 5, precision: str = "no",
               pipeline_images: int = 24, workers: int | None = None, channels_last: bool | None = None,
-              quick: bool = False, peak_tflops: float | None = None) -> dict[str, Any]:
+              quick: bool = False, peak_tflops: float | None = None, compile_trunk: bool = False) -> dict[str, Any]:
     dev = torch.device(device)
     if quick:
         steps, pipeline_images = 2, 6
@@ -294,7 +360,10 @@ def run_bench(device: str = "cpu", size: int = 224, batch: int = 16, steps: int 
     for cl in layouts:
         report["training"]["channels_last" if cl else "contiguous"] = bench_training(dev, size, batch, steps,
                                                                                      precision, cl)
+    if compile_trunk:
+        report["compile"] = bench_compile(dev, size, batch, steps, precision, channels_last is not False)
     report["optimizer"] = bench_optimizer(dev, steps)
+    report["jpeg_decode"] = bench_jpeg_decode(dev, pipeline_images)
     report["pipeline"] = bench_pipeline(pipeline_images, workers, device=dev)
     report["outliers"] = bench_outliers(10_000 if quick else 80_000)
     best = min(report["training"].values(), key=lambda r: r["crnn"]["step_s"])
@@ -337,6 +406,13 @@ def print_report(report: dict[str, Any]) -> None:
         table.add_row(f"  CRNN / ResNet-50 step time ({layout})", f"{r['ratio']:.3f}x", "")
         table.add_row(f"evaluation CRNN ({layout})", f"{r['eval']['images_per_s']:.1f} img/s",
                       f"{r['eval']['peak_mb']:.0f}")
+    if "compile" in report:
+        c = report["compile"]
+        table.add_row("train step CRNN, trunk compiled / eager",
+                      f"{c['compiled']['images_per_s']:.1f} / {c['eager']['images_per_s']:.1f} img/s "
+                      f"({c['speedup']:.2f}x)", f"{c['compiled']['peak_mb']:.0f}")
+        payback = f"{c['payback_steps']:.0f} steps" if c["payback_steps"] is not None else "never"
+        table.add_row("  one-off compile time (paid back after)", f"{c['compile_s']:.1f} s ({payback})", "")
     opt = report["optimizer"]
     table.add_row(f"AdamW step, {opt['parameters'] / 1e6:.1f} M parameters: for-each / fused",
                   f"{opt['foreach_step_ms']:.1f} / {opt['fused_step_ms']:.1f} ms ({opt['fused_speedup']:.2f}x)", "")
@@ -351,6 +427,10 @@ def print_report(report: dict[str, Any]) -> None:
     d = p["device_augment"]
     table.add_row(f"  device share: jitter + normalise + erase on {d['device']} (batch {d['batch']})",
                   f"{d['images_per_s']:.1f} img/s", "")
+    j = report["jpeg_decode"]
+    table.add_row(f"JPEG decode 1600x1280: decode_jpeg on {j['device']} (batch {j['batch']}) / PIL draft, 1 process",
+                  f"{j['decode_jpeg_images_per_s']:.1f} / {j['pil_draft_images_per_s']:.1f} img/s "
+                  f"({j['ratio']:.2f}x)", "")
     table.add_row(f"DataLoader, {p['loader_workers']} workers, prepared", f"{p['loader_images_per_s']:.1f} img/s", "")
     o = report["outliers"]
     table.add_row(f"outlier scoring {o['samples']:,} x {o['dim']}, {o['classes']} classes, "

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's peak TFLOP/s at this precision, to report model FLOP utilisation")
     be.add_argument("--quick", action="store_true", help="fewer steps and images (a smoke run)")
+    be.add_argument("--compile", action="store_true",
+                    help="also time the CRNN with its trunk under torch.compile (model.compile_trunk); "
+                         "compiling takes a minute or more")
     be.add_argument("--json", action="store_true", help="print the report as JSON")
 
     ex = sub.add_parser("explain", help="attention maps (row x column) over paintings, as PNGs")
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             from crnn_art.bench import print_report, run_bench
 
             reports = [run_bench(args.device, args.image_size, b, args.steps, args.precision, workers=args.workers,
-                                 quick=args.quick, peak_tflops=args.peak_tflops) for b in args.batch]
+                                 quick=args.quick, peak_tflops=args.peak_tflops, compile_trunk=args.compile)
+                       for b in args.batch]
             if args.json:
                 print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
             else:

@@ -79,6 +79,10 @@ class ModelConfig:
     dropout: float = 0.4
     channels_last: bool = True
     """NHWC memory layout for the convolutions (faster on recent GPUs and on CPUs with oneDNN; see bench)."""
+    compile_trunk: bool = False
+    """``torch.compile`` the ResNet trunk in place (GRUs stay eager; weights and checkpoints unchanged).
+    Compiling costs a minute or more once per process: ``crnn-art bench --compile`` shows the step-time
+    gain on your hardware and after how many steps it pays the compile back."""
 
 
 @dataclass

@@ -227,6 +227,9 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
     ema = None
     if t.ema_decay is not None:
         ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+    if cfg.model.compile_trunk:
+        # In place (state_dict keys unchanged), after the EMA copy so the EMA model stays eager.
+        raw_model.trunk.compile()
     val_loader = accelerator.prepare(eval_loader(val_set, t.eval_batch_size, cfg.data.num_workers))
 
     # ---- state: what a checkpoint holds besides weights, optimizer, scaler and RNG -----------------

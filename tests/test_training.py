@@ -51,6 +51,19 @@ def test_evaluate_reproduces_the_final_validation_metrics(demo_run, tmp_path):
         assert again[key] == pytest.approx(final[key], abs=1e-4), key
 
 
+def test_a_run_with_a_compiled_trunk_evaluates_the_same_without_compiling(tmp_path, demo_dir):
+    """model.compile_trunk=true trains through torch.compile; its weights load and evaluate eagerly to the
+    run's own final validation figures (checkpoints are interchangeable with eager runs)."""
+    run = tmp_path / "compiled"
+    run_cli(["train", "--output-dir", str(run),
+             *tiny_overrides(demo_dir, train__epochs=1, train__max_steps=2, model__compile_trunk="true")], timeout=1200)
+    assert load_run_config(run / "config.yaml").model.compile_trunk
+    run_cli(["evaluate", "--checkpoint", str(run / "last"), "--split", "validation", "--output-dir", str(tmp_path)])
+    again, final = read_json(tmp_path / "metrics.json"), read_json(run / "metrics.json")
+    assert again["num_samples"] == final["num_samples"]
+    assert again["loss"] == pytest.approx(final["loss"], abs=1e-3)  # float32: fused kernels round differently
+
+
 def _initial_weights(run) -> dict[str, torch.Tensor]:
     """The weights train() starts from: same seed, same constructor call."""
     cfg = load_run_config(run / "config.yaml")
