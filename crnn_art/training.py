@@ -257,6 +257,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
         + (f" in {t.grad_accum_steps} micro-batches" if t.grad_accum_steps > 1 else "")
         + f"), {train_batches.steps(1)} steps/epoch, {t.epochs} epochs"
         + (" | colour jitter/erasing on the device" if on_device else "")
+        + (" | trunk compiled (the first steps and the first validation take longer)"
+           if cfg.model.compile_trunk else "")
     )
     if opened.stream is not None:
         used = sum(p["steps"] for p in plans) * t.batch_size / (t.epochs * len(splits["train"]))
