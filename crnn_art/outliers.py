@@ -17,11 +17,11 @@ space that carry another label. Centroids see a class as one blob; neighbours se
 its true class. ``crnn-art outliers`` measures the score against the two baselines when the wrong
 labels are known (the demo data).
 
-Neighbours are looked up among at most ``MAX_REFERENCES`` reference paintings, about the same
+Neighbours are looked up among about ``MAX_REFERENCES`` reference paintings, about the same
 number per class (all of a class when it has fewer), picked by a hash of the row id so the choice
 does not depend on the number of processes. References travel as 64-d random projections of the
 embeddings (cosines kept to within about 1/sqrt(64); on the demo runs 32 to 256 dimensions found
-the same wrong labels): what crosses processes stays bounded by ``MAX_REFERENCES`` x 64 numbers,
+the same wrong labels): what crosses processes stays near ``MAX_REFERENCES`` x 64 numbers,
 whatever the size of the split.
 """
 
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 SELECT_MODES = ("top", "threshold", "zscore")
 KNN_K = 10
 KNN_DIM = 64
-MAX_REFERENCES = 8192
+MAX_REFERENCES = 4096
 SCORERS = {
     "crnn-art": "shipped: (1 - own_sim) - margin + (1 - p_given) + (1 - knn_agree)",
     "low-confidence": "baseline: 1 - p_given (lowest confidence in the given label)",
@@ -116,17 +116,17 @@ def knn_agreement(z: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, ref
                   ref_labels: torch.Tensor, ref_rows: torch.Tensor, k: int = KNN_K, chunk: int = 4096) -> torch.Tensor:
     """Share of each sample's ``k`` most similar references (itself excluded) that carry its label.
 
-    ``ref_rows`` must be sorted (``gather_references`` returns them so). Similarities in float64, so
-    a different split of the samples over processes cannot reorder near-equal neighbours.
+    ``ref_rows`` must be sorted (``gather_references`` returns them so). One (chunk x references)
+    product at a time keeps memory flat whatever the split's size.
     """
-    ref_z, ref_labels, ref_rows = ref_z.to(z.device, torch.float64), ref_labels.to(z.device), ref_rows.to(z.device)
+    ref_z, ref_labels, ref_rows = ref_z.to(z.device, torch.float32), ref_labels.to(z.device), ref_rows.to(z.device)
     k = min(k, len(ref_rows) - 1)
     if k < 1:
         return torch.ones(len(labels), device=z.device)
     out = []
     for start in range(0, len(labels), chunk):
         part = rows[start:start + chunk]
-        sims = z[start:start + chunk].to(torch.float64) @ ref_z.T
+        sims = z[start:start + chunk].float() @ ref_z.T
         at = torch.searchsorted(ref_rows, part).clamp(max=len(ref_rows) - 1)
         is_ref = ref_rows[at] == part
         sims[is_ref.nonzero().squeeze(1), at[is_ref]] = -torch.inf  # a reference is not its own neighbour
