@@ -74,48 +74,74 @@ def _timed(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device)
     return float(np.median(times))
 
 
-def bench_training(device: torch.device, size: int, batch: int, steps: int, precision: str,
-                   channels_last: bool) -> dict[str, Any]:
-    """Train-step time of the CRNN and of a bare ResNet-50 (27 classes), same settings."""
+def _train_step(name: str, device: torch.device, fmt: torch.memory_format, precision: str, x: torch.Tensor,
+                y: torch.Tensor) -> tuple[Callable[[], None], torch.nn.Module]:
+    """One training step of the CRNN or of a bare ResNet-50 (27 classes) on a fixed batch."""
     from torchvision.models import resnet50
 
     from crnn_art.model import CRNNArtClassifier
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if name == "crnn":
+        net, logits_of = CRNNArtClassifier(heads={"style": 27}), lambda out: out.logits["style"]
+    else:
+        net, logits_of = resnet50(num_classes=27), lambda out: out
+    net = net.to(device).to(memory_format=fmt).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(logits_of(net(x)).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    return step, net
+
+
+def bench_training(device: torch.device, size: int, batch: int, steps: int, precision: str,
+                   channels_last: bool) -> dict[str, Any]:
+    """Train-step time of the CRNN and of a bare ResNet-50 (27 classes), same settings.
+
+    Peak memory is taken with each model alone. The timed steps then alternate (CRNN, ResNet,
+    CRNN, ...), so a machine that slows down or speeds up mid-run (shared cores, clocks) moves
+    both medians alike and the ratio stays fair.
+    """
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=fmt)
     y = torch.randint(0, 27, (batch,), device=device)
+    names = ("crnn", "resnet50")
     results: dict[str, Any] = {}
-    for name, net, logits_of in (
-        ("crnn", CRNNArtClassifier(heads={"style": 27}), lambda out: out.logits["style"]),
-        ("resnet50", resnet50(num_classes=27), lambda out: out),
-    ):
-        net = net.to(device).to(memory_format=fmt).train()
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-        def step(net=net, opt=opt, scaler=scaler, logits_of=logits_of) -> None:
+    for name in names:
+        step, net = _train_step(name, device, fmt, precision, x, y)
+        step()
+        _reset_peak(device)
+        step()
+        results[name] = {"peak_mb": _peak_mb(device)}
+        del step, net
+    steppers = {name: _train_step(name, device, fmt, precision, x, y) for name in names}
+    for step, _ in steppers.values():
+        step()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(steps):
+        for name, (step, _) in steppers.items():
+            times[name].append(_timed(step, 1, warmup=0, device=device))
+    for name in names:
+        results[name]["step_s"] = float(np.median(times[name]))
+        results[name]["images_per_s"] = batch / results[name]["step_s"]
+    crnn = steppers["crnn"][1].eval()
+    del steppers
+    with torch.no_grad():
+        def infer() -> None:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = F.cross_entropy(logits_of(net(x)).float(), y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+                crnn(x)
 
         _reset_peak(device)
-        seconds = _timed(step, steps, warmup=2, device=device)
-        results[name] = {"step_s": seconds, "images_per_s": batch / seconds, "peak_mb": _peak_mb(device)}
-        if name == "crnn":
-            net.eval()
-            with torch.no_grad():
-                def infer(net=net) -> None:
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        net(x)
-
-                _reset_peak(device)
-                eval_s = _timed(infer, steps, warmup=1, device=device)
-            results["eval"] = {"images_per_s": batch / eval_s, "peak_mb": _peak_mb(device)}
-        del net, opt
+        eval_s = _timed(infer, steps, warmup=1, device=device)
+    results["eval"] = {"images_per_s": batch / eval_s, "peak_mb": _peak_mb(device)}
     results["ratio"] = results["crnn"]["step_s"] / results["resnet50"]["step_s"]
     return results
 
