@@ -20,8 +20,8 @@ labels are known (the demo data).
 Neighbours are looked up among about ``MAX_REFERENCES`` reference paintings, about the same
 number per class (all of a class when it has fewer), picked by a hash of the row id so the choice
 does not depend on the number of processes. References travel as 64-d random projections of the
-embeddings (cosines kept to within about 1/sqrt(64); on the demo runs 32 to 256 dimensions found
-the same wrong labels): what crosses processes stays near ``MAX_REFERENCES`` x 64 numbers,
+embeddings (cosines kept to within about 1/sqrt(64); on the demo runs 32 to 256 dimensions gave
+the same precision@k): what crosses processes stays near ``MAX_REFERENCES`` x 64 numbers,
 whatever the size of the split.
 """
 
@@ -112,6 +112,18 @@ def reference_mask(rows: torch.Tensor, labels: torch.Tensor, counts: torch.Tenso
     return row_uniform(rows) < keep.to(rows.device)[labels]
 
 
+def gather_references(zp: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
+                      max_references: int = MAX_REFERENCES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every process's reference samples (projected embedding, label, row), on every process, in row order."""
+    from accelerate.utils import gather_object
+
+    keep = reference_mask(rows, labels, counts, max_references)
+    parts = gather_object([(zp[keep].cpu(), labels[keep].cpu(), rows[keep].cpu())])
+    ref_z, ref_labels, ref_rows = (torch.cat([p[i] for p in parts]) for i in range(3))
+    order = ref_rows.argsort()
+    return ref_z[order], ref_labels[order], ref_rows[order]
+
+
 def knn_agreement(z: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, ref_z: torch.Tensor,
                   ref_labels: torch.Tensor, ref_rows: torch.Tensor, k: int = KNN_K, chunk: int = 4096) -> torch.Tensor:
     """Share of each sample's ``k`` most similar references (itself excluded) that carry its label.
@@ -160,18 +172,6 @@ def score_head(head: str, z: torch.Tensor, logits: torch.Tensor, labels: torch.T
                float(sd), 1 - float(pg))
         for r, y, p, c, pg, o, m, a, s, sd in zip(*cols, strict=True)
     ]
-
-
-def gather_references(zp: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
-                      max_references: int = MAX_REFERENCES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every process's reference samples (projected embedding, label, row), on every process, in row order."""
-    from accelerate.utils import gather_object
-
-    keep = reference_mask(rows, labels, counts, max_references)
-    parts = gather_object([(zp[keep].cpu(), labels[keep].cpu(), rows[keep].cpu())])
-    ref_z, ref_labels, ref_rows = (torch.cat([p[i] for p in parts]) for i in range(3))
-    order = ref_rows.argsort()
-    return ref_z[order], ref_labels[order], ref_rows[order]
 
 
 def apply_rules(scored: list[Scored], z_threshold: float = 2.5, confident: float = 0.7) -> None:
