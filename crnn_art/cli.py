@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--device", default="cpu", help="cpu or cuda")
     be.add_argument("--image-size", type=int, default=224)
     be.add_argument("--batch", type=int, nargs="+", default=[16], help="one or more batch sizes")
-    be.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")
+    be.add_argument("--steps", type=int, default=7, help="timed steps per measurement (median)")
     be.add_argument("--precision", default="no", help="no, bf16 or fp16")
     be.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores, at most 8)")
     be.add_argument("--peak-tflops", type=float, default=None,
