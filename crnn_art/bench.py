@@ -101,6 +101,16 @@ def _train_step(name: str, device: torch.device, fmt: torch.memory_format, preci
     return step, net
 
 
+def _alternating_times(steps_by_name: dict[str, Callable[[], None]], steps: int,
+                       device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each step, the steps taken in turn (A, B, A, B, ...) so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
+    for _ in range(steps):
+        for name, step in steps_by_name.items():
+            times[name].append(_timed(step, 1, warmup=0, device=device))
+    return times
+
+
 def bench_training(device: torch.device, size: int, batch: int, steps: int, precision: str,
                    channels_last: bool) -> dict[str, Any]:
     """Train-step time of the CRNN and of a bare ResNet-50 (27 classes), same settings.
@@ -125,10 +135,7 @@ def bench_training(device: torch.device, size: int, batch: int, steps: int, prec
     steppers = {name: _train_step(name, device, fmt, precision, x, y) for name in names}
     for step, _ in steppers.values():
         step()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(steps):
-        for name, (step, _) in steppers.items():
-            times[name].append(_timed(step, 1, warmup=0, device=device))
+    times = _alternating_times({name: step for name, (step, _) in steppers.items()}, steps, device)
     for name in names:
         results[name]["step_s"] = float(np.median(times[name]))
         results[name]["images_per_s"] = batch / results[name]["step_s"]
@@ -155,38 +162,26 @@ def bench_compile(device: torch.device, size: int, batch: int, steps: int, preci
     """CRNN train step with the ResNet trunk compiled in place (GRUs eager) vs eager, same settings.
 
     The first compiled step includes compilation: reported apart as ``compile_s``, with the number of
-    steps the faster step needs to pay it back.
+    steps the faster step needs to pay it back. Timed steps alternate, as in ``bench_training``.
     """
-    from crnn_art.model import CRNNArtClassifier
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=fmt)
     y = torch.randint(0, 27, (batch,), device=device)
-    results: dict[str, Any] = {}
-    for name in ("eager", "compiled"):
-        torch.manual_seed(0)
-        net = CRNNArtClassifier(heads={"style": 27}).to(device).to(memory_format=fmt).train()
-        if name == "compiled":
-            net.trunk.compile()
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
-
-        def step(net=net, opt=opt) -> None:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = F.cross_entropy(net(x).logits["style"].float(), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        first = _timed(step, 1, warmup=0, device=device)
-        _reset_peak(device)
-        seconds = _timed(step, steps, warmup=1, device=device)
-        results[name] = {"first_step_s": first, "step_s": seconds, "images_per_s": batch / seconds,
-                         "peak_mb": _peak_mb(device)}
-        del net, opt
+    compiled_step, net = _train_step("crnn", device, fmt, precision, x, y)
+    net.trunk.compile()
+    first = _timed(compiled_step, 1, warmup=0, device=device)
+    _reset_peak(device)
+    compiled_step()
+    peak = _peak_mb(device)
+    eager_step, _ = _train_step("crnn", device, fmt, precision, x, y)
+    eager_step()  # warm-up
+    times = _alternating_times({"eager": eager_step, "compiled": compiled_step}, steps, device)
+    results: dict[str, Any] = {name: {"step_s": float(np.median(t)), "images_per_s": batch / float(np.median(t))}
+                               for name, t in times.items()}
+    results["compiled"].update(first_step_s=first, peak_mb=peak)
     eager, compiled = results["eager"]["step_s"], results["compiled"]["step_s"]
-    results["speedup"] = eager / compiled
-    results["compile_s"] = results["compiled"]["first_step_s"] - compiled
+    results["speedup"] = float(np.median(np.array(times["eager"]) / np.array(times["compiled"])))
+    results["compile_s"] = first - compiled
     results["payback_steps"] = results["compile_s"] / (eager - compiled) if eager > compiled else None
     return results
 
