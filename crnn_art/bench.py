@@ -186,22 +186,17 @@ def bench_compile(device: torch.device, size: int, batch: int, steps: int, preci
     return results
 
 
-def bench_jpeg_decode(device: torch.device, n_images: int, batch: int = 16) -> dict[str, Any]:
+def bench_jpeg_decode(device: torch.device, originals: list[bytes], batch: int = 16) -> dict[str, Any]:
     """Decode 1600x1280 JPEGs: batched ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG on CUDA) vs
     PIL's draft-mode decode (to the 384 px recipe's needs) in one CPU process, as a worker does it."""
     from torchvision.io import decode_jpeg
 
     from crnn_art.decoding import decode_image
-    from crnn_art.transforms import eval_resize
 
-    originals = _large_jpegs(min(n_images, batch))
-    data = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in originals]
+    data = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in originals[:batch]]
     data = (data * (batch // len(data) + 1))[:batch]
-    min_side = max(eval_resize(384), int(np.ceil(384 / np.sqrt(0.7))))
-    start = time.perf_counter()
-    for d in originals:
-        decode_image({"bytes": d, "path": None}, min_side)
-    pil_rate = len(originals) / (time.perf_counter() - start)
+    min_side = _worker_min_side(384)
+    pil_rate = _per_image_rate(lambda d: decode_image({"bytes": d, "path": None}, min_side), originals[:batch])
     seconds = _timed(lambda: decode_jpeg(data, device=device), 3, warmup=1, device=device)
     return {"device": str(device), "batch": batch, "decode_jpeg_images_per_s": batch / seconds,
             "pil_draft_images_per_s": pil_rate, "ratio": batch / seconds / pil_rate}
@@ -239,6 +234,22 @@ def _large_jpegs(n: int, w: int = 1600, h: int = 1280) -> list[bytes]:
     return out
 
 
+def _worker_min_side(size: int) -> int:
+    """The short side a worker decodes to for a ``size`` crop: eval resize, or the smallest crop scale (0.7)."""
+    from crnn_art.transforms import eval_resize
+
+    return max(eval_resize(size), int(np.ceil(size / np.sqrt(0.7))))
+
+
+def _per_image_rate(fn: Callable[[bytes], Any], images: list[bytes]) -> float:
+    """Images/s of ``fn`` over ``images`` in this process, after one warm-up call."""
+    fn(images[0])
+    start = time.perf_counter()
+    for data in images:
+        fn(data)
+    return len(images) / (time.perf_counter() - start)
+
+
 def _shrink(data: bytes, short_side: int = 512) -> bytes:
     from crnn_art.prepare import _resize_jpeg
 
@@ -246,7 +257,8 @@ def _shrink(data: bytes, short_side: int = 512) -> bytes:
     return resized
 
 
-def bench_pipeline(n_images: int, workers: int, size: int = 384, device: torch.device | None = None) -> dict[str, Any]:
+def bench_pipeline(originals: list[bytes], workers: int, size: int = 384,
+                   device: torch.device | None = None) -> dict[str, Any]:
     """Decode + train transform images/s in one process (seed vs ours; whole recipe, and the workers'
     share with ``augment.on_device``), what the device share costs, and the DataLoader with workers."""
     from PIL import Image
@@ -254,11 +266,9 @@ def bench_pipeline(n_images: int, workers: int, size: int = 384, device: torch.d
 
     from crnn_art.config import AugmentConfig
     from crnn_art.decoding import decode_image
-    from crnn_art.transforms import eval_resize, train_transform, worker_transform
+    from crnn_art.transforms import train_transform, worker_transform
 
     device = device or torch.device("cpu")
-
-    originals = _large_jpegs(n_images)
     prepared = [_shrink(d) for d in originals]
     seed = v1.Compose([
         v1.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15)), v1.RandomHorizontalFlip(),
@@ -266,22 +276,14 @@ def bench_pipeline(n_images: int, workers: int, size: int = 384, device: torch.d
         v1.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), v1.RandomErasing(p=0.2),
     ])
     ours = train_transform(size, AugmentConfig())
-    min_side = max(eval_resize(size), int(np.ceil(size / np.sqrt(0.7))))
-
-    def rate(fn: Callable[[bytes], Any], images: list[bytes]) -> float:
-        fn(images[0])
-        start = time.perf_counter()
-        for data in images:
-            fn(data)
-        return len(images) / (time.perf_counter() - start)
-
+    min_side = _worker_min_side(size)
     cpu = torch.device("cpu")
     _reset_peak(cpu)
-    seed_rate = rate(lambda d: seed(Image.open(io.BytesIO(d)).convert("RGB")), originals)
-    ours_rate = rate(lambda d: ours(decode_image({"bytes": d, "path": None}, min_side)), originals)
-    prepared_rate = rate(lambda d: ours(decode_image({"bytes": d, "path": None}, min_side)), prepared)
+    seed_rate = _per_image_rate(lambda d: seed(Image.open(io.BytesIO(d)).convert("RGB")), originals)
+    ours_rate = _per_image_rate(lambda d: ours(decode_image({"bytes": d, "path": None}, min_side)), originals)
+    prepared_rate = _per_image_rate(lambda d: ours(decode_image({"bytes": d, "path": None}, min_side)), prepared)
     crop = worker_transform(size, AugmentConfig())
-    worker_rate = rate(lambda d: crop(decode_image({"bytes": d, "path": None}, min_side)), prepared)
+    worker_rate = _per_image_rate(lambda d: crop(decode_image({"bytes": d, "path": None}, min_side)), prepared)
     result = {
         "seed_images_per_s": seed_rate, "draft_decode_images_per_s": ours_rate,
         "prepared_512_images_per_s": prepared_rate, "speedup_draft": ours_rate / seed_rate,
@@ -388,8 +390,9 @@ def run_bench(device: str = "cpu", size: int = 224, batch: int = 16, steps: int 
     if compile_trunk:
         report["compile"] = bench_compile(dev, size, batch, steps, precision, channels_last is not False)
     report["optimizer"] = bench_optimizer(dev, steps)
-    report["jpeg_decode"] = bench_jpeg_decode(dev, pipeline_images)
-    report["pipeline"] = bench_pipeline(pipeline_images, workers, device=dev)
+    originals = _large_jpegs(pipeline_images)  # generated once: 1600 x 1280, like WikiArt scans
+    report["jpeg_decode"] = bench_jpeg_decode(dev, originals)
+    report["pipeline"] = bench_pipeline(originals, workers, device=dev)
     report["outliers"] = bench_outliers(10_000 if quick else 80_000)
     best = min(report["training"].values(), key=lambda r: r["crnn"]["step_s"])
     report["summary"] = {
