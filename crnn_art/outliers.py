@@ -286,16 +286,16 @@ def find_outliers(checkpoint: str, split: str = "train", top: int = 50, mode: st
                                                       cfg.heads)
 
     scored: list[Scored] = []
+    zp_local = project(z_local)  # one projection serves every head
     for i, head in enumerate(cfg.heads):
         known = label_mat[:, i] >= 0
-        y = label_mat[known, i]
-        sums, counts = class_sums(z_local[known], y, model.heads_spec[head])
+        z, zp, y, rows_known = z_local[known], zp_local[known], label_mat[known, i], row_ids[known]
+        sums, counts = class_sums(z, y, model.heads_spec[head])
         sums, counts = accelerator.reduce(sums, "sum"), accelerator.reduce(counts, "sum")
         centroids = centroids_from_sums(sums, counts)
-        zp = project(z_local[known])
-        references = gather_references(zp, y, row_ids[known], counts)
-        agreement = knn_agreement(zp, y, row_ids[known], *references)
-        scored += score_head(head, z_local[known], logits[head][known], y, row_ids[known], centroids, agreement)
+        references = gather_references(zp, y, rows_known, counts)
+        agreement = knn_agreement(zp, y, rows_known, *references)
+        scored += score_head(head, z, logits[head][known], y, rows_known, centroids, agreement)
     scored = gather_object(scored)
     apply_rules(scored, confident=0.7)
 
