@@ -187,9 +187,14 @@ def _image_folder(root: Path, cfg: DataConfig) -> Source:
     return Source(ds, {name: np.flatnonzero(split_arr == name) for name in SPLITS})
 
 
+def _first_file(folder: Path, names: list[str]) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
 def _artgan(cfg: DataConfig) -> Source:
-    """The ArtGAN protocol: ``<task>_train_clean.csv`` / ``<task>_val_clean.csv`` (``relative/path,label``)
-    and ``<task>_class.txt`` in ``data.lists_dir``, images under ``data.image_root``."""
+    """The ArtGAN protocol: ``<task>_train_clean.csv`` / ``<task>_val_clean.csv`` (``relative/path,label``; the
+    published ``<task>_train.csv`` / ``<task>_val.csv`` are read when no cleaned copy is there) and
+    ``<task>_class.txt`` in ``data.lists_dir``, images under ``data.image_root``."""
     import csv
 
     if cfg.task == "combined":
@@ -197,15 +202,18 @@ def _artgan(cfg: DataConfig) -> Source:
     if not cfg.lists_dir or not cfg.image_root:
         raise DataError("data.source=artgan needs data.lists_dir (the CSV lists) and data.image_root (the images)")
     lists, root = Path(cfg.lists_dir), Path(cfg.image_root)
-    class_file = lists / f"{cfg.task}_class.txt"
-    if not class_file.is_file():
-        raise DataError(f"{class_file} is missing; data.lists_dir must hold the ArtGAN lists of the {cfg.task} task")
+    class_file = _first_file(lists, [f"{cfg.task}_class.txt", f"{cfg.task}_class"])
+    if class_file is None:
+        raise DataError(f"{lists / f'{cfg.task}_class.txt'} is missing; data.lists_dir must hold the ArtGAN lists "
+                        f"of the {cfg.task} task")
     names = [line.split(maxsplit=1)[1].strip() for line in class_file.read_text().splitlines() if line.strip()]
     paths, labels, splits, offset = [], [], {}, 0
     for split, suffix in (("train", "train"), ("validation", "val")):
-        list_file = lists / f"{cfg.task}_{suffix}_clean.csv"
-        if not list_file.is_file():
-            raise DataError(f"{list_file} is missing from data.lists_dir")
+        stem = f"{cfg.task}_{suffix}"
+        list_file = _first_file(lists, [f"{stem}_clean.csv", f"{stem}.csv", stem])
+        if list_file is None:
+            raise DataError(f"{lists / f'{stem}_clean.csv'} (or the published {stem}.csv) is missing from "
+                            "data.lists_dir")
         with open(list_file, newline="") as fh:
             rows = [(r[0], int(r[1])) for r in csv.reader(fh) if r]
         paths += [str(root / rel) for rel, _ in rows]

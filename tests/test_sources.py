@@ -57,6 +57,16 @@ def test_artgan_protocol_uses_its_lists_and_class_order(tmp_path):
     assert names == [n for n in protocol if n in names]  # the protocol's order, only classes present
 
 
+def test_artgan_published_list_names_read_like_the_cleaned_ones(tmp_path):
+    lists, images = artgan_layout(tmp_path, task="genre", train_rows=12, val_rows=6)
+    for suffix in ("train", "val"):
+        (lists / f"genre_{suffix}_clean.csv").rename(lists / f"genre_{suffix}.csv")
+    cfg = resolve_config(None, None, ["data.source=artgan", f"data.lists_dir={lists}",
+                                      f"data.image_root={images}", "data.task=genre"])
+    opened = open_source(cfg.data)
+    assert len(opened.splits["train"]) == 12 and len(opened.splits["validation"]) == 6
+
+
 def test_artgan_23_artist_list_and_missing_root(tmp_path):
     cfg = resolve_config("artist", None, ["data.artist_list=artgan"])
     assert cfg.data.artist_list == "artgan"

@@ -9,7 +9,8 @@ from pathlib import Path
 from crnn_art.demo_data import DemoParams, generate_demo
 from tests.standins.odd_images import odd_images, painting
 
-SHARED_ARTGAN = Path(__file__).resolve().parents[3] / "shared" / "wikiart" / "artgan"
+# An excerpt of the real ArtGAN lists, kept in the repository (see artgan/README.md for source and licence).
+ARTGAN_LISTS = Path(__file__).resolve().parent / "artgan"
 
 
 def hub_parquet_repo(folder: Path, rows: int = 160, shards: int = 2, file_rows: list[int] | None = None,
@@ -40,9 +41,9 @@ def artgan_layout(folder: Path, task: str = "style", train_rows: int = 48, val_r
     """A small subset of the real ArtGAN lists, with generated images at exactly those relative paths."""
     lists, images = folder / "lists", folder / "wikiart"
     lists.mkdir(parents=True)
-    shutil.copy(SHARED_ARTGAN / f"{task}_class.txt", lists / f"{task}_class.txt")
+    shutil.copy(ARTGAN_LISTS / f"{task}_class.txt", lists / f"{task}_class.txt")
     for suffix, n in (("train", train_rows), ("val", val_rows)):
-        with open(SHARED_ARTGAN / f"{task}_{suffix}_clean.csv", newline="") as fh:
+        with open(ARTGAN_LISTS / f"{task}_{suffix}_clean.csv", newline="") as fh:
             rows = [r for _, r in zip(range(n), csv.reader(fh), strict=False)]
         with open(lists / f"{task}_{suffix}_clean.csv", "w", newline="") as fh:
             csv.writer(fh).writerows(rows)
