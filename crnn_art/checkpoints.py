@@ -8,13 +8,18 @@ name and renamed, so a crash mid-save leaves the previous one intact.
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import load
+from safetensors.torch import load_file, save_file
+
+from crnn_art.config import RunConfig, check_resume_config, load_run_config
 from crnn_art.model import WEIGHTS_NAME, CRNNArtClassifier, ModelLoadError
+from crnn_art.runs import writing
 
 HISTORY = "history.jsonl"
 
@@ -29,45 +34,37 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC, whether raised as OSError or wrapped by safetensors' Rust writer as a message."""
-    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc)
-
-
-def _disk_full_error(target: Path, what: str) -> CheckpointError:
-    free = shutil.disk_usage(target.parent if target.parent.exists() else Path.cwd()).free / 2**30
-    return CheckpointError(
-        f"disk full while writing {what} {target} ({free:.1f} GiB free): free space there or lower train.keep_last, "
-        f"then resume with --resume latest; what was saved before is intact"
-    )
-
-
 def save_model_folder(model: CRNNArtClassifier, folder: str | Path, info: dict[str, Any]) -> Path:
+    """Write ``folder`` whole or not at all (a temporary folder renamed over it); a failed write is one line."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with writing(folder, "the model folder", partial=tmp):
         model.save_pretrained(tmp)
         info = {**info, "weights_sha256": _sha256(tmp / WEIGHTS_NAME)}
         (tmp / "training.json").write_text(json.dumps(info, indent=2))
-    except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(exc):
-            raise _disk_full_error(folder, "the model folder") from exc
-        raise
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    tmp.rename(folder)
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+        tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The run's ``history.jsonl``: one record per evaluated epoch (``partial`` for a stopped one)."""
+    """The run's ``history.jsonl``: one record per evaluated epoch (``partial`` for a stopped one).
+
+    A last line cut short (the process was killed while appending) is left out.
+    """
     path = Path(run_dir) / HISTORY
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def load_model_folder(folder: str | Path, map_location: str = "cpu") -> CRNNArtClassifier:
@@ -100,6 +97,11 @@ def load_model_folder(folder: str | Path, map_location: str = "cpu") -> CRNNArtC
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+STATE_FILE = "train_state.json"
+EMA_FILE = "ema.safetensors"
+ACCELERATE_FILES = ("model.safetensors", "optimizer.bin")
+FORMAT = 2
+"""Checkpoint format: 2 = the run's own state as JSON and safetensors, nothing of it pickled."""
 
 
 class CheckpointError(RuntimeError):
@@ -107,7 +109,7 @@ class CheckpointError(RuntimeError):
 
 
 class TrainState:
-    """Where the run is: registered with ``accelerator.register_for_checkpointing``.
+    """Where the run is, saved with every checkpoint (as JSON: nothing in a checkpoint executes code on resume).
 
     ``epoch`` is the 1-based epoch in progress and ``batch`` the global batches already done in it,
     so a resumed run asks the sampler for exactly the batches that remain.
@@ -131,33 +133,41 @@ class TrainState:
             setattr(self, key, value)
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep_last: int) -> Path:
+def _write_own_state(folder: Path, state: TrainState, scheduler, ema) -> None:
+    """The run's own state beside what Accelerate saves: JSON for the position and the schedule, safetensors for EMA."""
+    own = {"format": FORMAT, "train_state": state.state_dict(), "scheduler": scheduler.state_dict()}
+    (folder / STATE_FILE).write_text(json.dumps(own, indent=1))
+    if ema is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, str(folder / EMA_FILE))
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep_last: int, scheduler, ema=None) -> Path:
     """Write ``checkpoints/step_XXXXXXXX`` atomically: every process saves into a temporary folder
-    (``save_state`` is collective), the main process records a manifest of file hashes, then renames.
-    A crash at any point leaves earlier checkpoints whole; the temporary folder is never resumed from.
+    (``save_state`` is collective), the main process adds the run's own state and a manifest of file
+    hashes, then renames. A crash at any point leaves earlier checkpoints whole; the temporary folder
+    is never resumed from; a failed write removes it and is one line (``RunFolderError``).
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{state.step:08d}"
     tmp = root / f".tmp-{final.name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
+        with writing(root, "the checkpoints folder"):
+            root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    try:
+    with writing(final, "checkpoint", partial=tmp):
         accelerator.save_state(output_dir=str(tmp))
-    except Exception as exc:
-        if _is_disk_full(exc):
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise _disk_full_error(final, "checkpoint") from exc
-        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({"step": state.step, "epoch": state.epoch, "batch": state.batch,
-                                                "files": files}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        with writing(final, "checkpoint", partial=tmp):
+            _write_own_state(tmp, state, scheduler, ema)
+            files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": state.step, "epoch": state.epoch,
+                                                    "batch": state.batch, "processes": accelerator.num_processes,
+                                                    "files": files}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
         rotate(root, keep_last, state.best_step)
     accelerator.wait_for_everyone()
     return final
@@ -181,8 +191,8 @@ def rotate(root: Path, keep_last: int, best_step: int | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Every file the manifest lists exists with the same hash, and nothing is missing."""
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A checkpoint's manifest; a missing or damaged one is a ``CheckpointError`` naming the fix."""
     manifest = path / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(
@@ -190,9 +200,41 @@ def verify_checkpoint(path: Path) -> None:
             f"resume from another one in {path.parent} or use --resume latest"
         )
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise CheckpointError(f"{manifest} is damaged; resume from an older checkpoint") from exc
+        info = json.loads(manifest.read_text())
+        if not isinstance(info.get("files"), dict) or not isinstance(info.get("epoch"), int):
+            raise TypeError("files or epoch missing")
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{manifest} is damaged; resume from an older checkpoint with --resume PATH") from exc
+    if info.get("format") != FORMAT:
+        raise CheckpointError(f"{path} was written by an older crnn-art (checkpoint format {info.get('format', 1)}, "
+                              f"this one reads {FORMAT}); start the run again in another --output-dir")
+    return info
+
+
+def _known_file(name: str) -> bool:
+    """The files a checkpoint may hold: Accelerate's (weights, optimizer, scaler, per-process RNG) and the run's own."""
+    return name in (*ACCELERATE_FILES, "scaler.pt", "sampler.bin", STATE_FILE, EMA_FILE) or (
+        name.startswith("random_states_") and name.endswith(".pkl") and name[14:-4].isdigit())
+
+
+def verify_checkpoint(path: Path, processes: int | None = None) -> dict[str, Any]:
+    """Every file a resume needs is listed in the manifest, exists and has its recorded hash, and nothing else is
+    there; returns the manifest. What is needed is decided here, not read from the manifest (which anyone who
+    can write the folder can rewrite): the weights, the optimizer, the run's state and one RNG file per process
+    (``processes``, default: the manifest's count)."""
+    info = read_manifest(path)
+    files = info["files"]
+    count = processes if processes is not None else int(info.get("processes") or 1)
+    needed = [*ACCELERATE_FILES, STATE_FILE, *(f"random_states_{i}.pkl" for i in range(max(count, 1)))]
+    missing = [name for name in needed if name not in files]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; resume from an older checkpoint")
+    present = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+    unknown = [name for name in {*files, *present} if not _known_file(name) or name not in files]
+    if unknown:
+        raise CheckpointError(f"checkpoint {path} holds files crnn-art never writes or did not list "
+                              f"({', '.join(sorted(unknown))}); it was altered: resume from another checkpoint "
+                              "with --resume PATH")
     for name, digest in files.items():
         file = path / name
         if not file.is_file():
@@ -202,6 +244,37 @@ def verify_checkpoint(path: Path) -> None:
                 f"checkpoint {path} is damaged ({name} does not match its recorded hash); "
                 "resume from an older checkpoint with --resume PATH"
             )
+    return info
+
+
+def load_checkpoint(accelerator, path: Path, state: TrainState, scheduler, ema=None) -> None:
+    """Restore a verified checkpoint without executing anything it holds.
+
+    Accelerate loads the weights from safetensors and the optimizer, scaler and RNG files with
+    ``weights_only=True``; its RNG load swallows failures (the resume would silently differ), so
+    this process's RNG file is read the same way first. The run's own state is JSON and
+    safetensors. Any file that does not load is one line naming the checkpoint.
+    """
+    if ema is not None and not (path / EMA_FILE).is_file():
+        raise CheckpointError(f"checkpoint {path} has no EMA weights but the run keeps an EMA (train.ema_decay); "
+                              "resume from a checkpoint of this run")
+    if not (path / f"random_states_{accelerator.process_index}.pkl").is_file():
+        raise CheckpointError(f"checkpoint {path} has no random state for process {accelerator.process_index}; "
+                              "it was written by fewer processes: resume with as many processes as it was saved by")
+    try:
+        load(str(path / f"random_states_{accelerator.process_index}.pkl"))
+        accelerator.load_state(str(path))
+        own = json.loads((path / STATE_FILE).read_text())
+        state.load_state_dict(own["train_state"])
+        scheduler.load_state_dict(own["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(load_file(str(path / EMA_FILE), device=str(accelerator.device)))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {first}): it does not fit this run or holds "
+            "something other than saved tensors; resume from an older checkpoint with --resume PATH"
+        ) from exc
 
 
 def find_checkpoint(run_dir: Path, spec: str) -> Path:
@@ -219,3 +292,44 @@ def find_checkpoint(run_dir: Path, spec: str) -> Path:
             raise CheckpointError(f"--resume {spec}: no such checkpoint folder; use --resume latest")
     verify_checkpoint(path)
     return path
+
+
+@dataclass
+class ResumePlan:
+    """What ``train --resume`` will do, decided before anything is written."""
+
+    checkpoint: Path | None
+    finished: bool = False
+    """The last checkpoint is past the final epoch."""
+    at_max_steps: bool = False
+    """The run stopped at ``train.max_steps`` and the config still says so: nothing to train."""
+
+
+def plan_resume(cfg: RunConfig, run_dir: Path, resume: str | None) -> ResumePlan:
+    """Check ``--resume`` against the run folder without writing to it.
+
+    ``auto`` is ``latest`` when the run has a checkpoint, else a fresh start. A fresh start in a
+    folder that holds checkpoints, a config that changes what the run trains, and a missing or
+    damaged checkpoint are errors here, before any file is touched. A run whose last checkpoint
+    is past its final epoch is ``finished``: nothing to train.
+    """
+    run_dir = Path(run_dir)
+    done = complete_checkpoints(run_dir / CHECKPOINTS)
+    if resume == "auto":
+        resume = "latest" if done else None
+    if resume is None:
+        if done:
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints of a run: continue it with --resume latest, "
+                "or give another --output-dir"
+            )
+        return ResumePlan(None)
+    path = find_checkpoint(run_dir, resume)
+    info = read_manifest(path)
+    own = run_dir / "config.yaml"
+    own = own if own.is_file() else path.parent.parent / "config.yaml"
+    if own.is_file():
+        check_resume_config(load_run_config(own), cfg, own.parent)
+    max_steps = cfg.train.max_steps
+    return ResumePlan(path, finished=info["epoch"] > cfg.train.epochs,
+                      at_max_steps=max_steps is not None and info["step"] >= max_steps)

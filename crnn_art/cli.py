@@ -5,19 +5,26 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 from crnn_art.checkpoints import CheckpointError
 from crnn_art.config import ConfigError, available_presets, load_run_config, resolve_config
+from crnn_art.hub import HubError
 from crnn_art.model import ModelLoadError
-from crnn_art.runtime import LaunchError
+from crnn_art.runs import RunFolderError
+from crnn_art.runtime import LaunchError, report_exit, stop_worker_processes
 from crnn_art.sources import DataError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, LaunchError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, LaunchError, CheckpointError, RunFolderError, HubError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crnn-art", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of an unexpected error (always saved to a log file)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (config: preset <- --config file <- --set overrides)")
@@ -130,85 +137,128 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status: 0 done, 2 a user error (one line), 1 an unexpected error (one line,
+    the traceback in a log file), 3 non-finite losses, 128+N stopped by signal N."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            output_dir = args.output_dir or f"runs/{args.preset or 'demo'}"
-            own = Path(output_dir) / "config.yaml"
-            if args.resume and not (args.preset or args.config or args.overrides) and own.is_file():
-                cfg = load_run_config(own)  # resuming with nothing said: the run's own config
-            else:
-                cfg = resolve_config(args.preset or "demo", args.config, args.overrides)
-            if args.print_config:
-                import yaml
-
-                print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-                return 0
-            from crnn_art.training import train
-
-            train(cfg, output_dir, resume=args.resume)
-        elif args.command == "evaluate":
-            from crnn_art.evaluation import evaluate_checkpoint
-
-            evaluate_checkpoint(args.checkpoint, args.split, args.output_dir, args.batch_size)
-        elif args.command == "outliers":
-            from crnn_art.outliers import find_outliers
-
-            find_outliers(args.checkpoint, args.split, args.top, args.select, args.threshold, args.z,
-                          args.output_dir, args.known_wrong, args.batch_size)
-        elif args.command == "prepare":
-            from crnn_art.prepare import prepare
-
-            cfg = resolve_config(None, None, [f"data.source={args.source}", *args.overrides])
-            prepare(cfg.data, args.output_dir, args.short_side, args.quality, args.num_proc, args.shard_size)
-        elif args.command == "push":
-            from crnn_art.hub import push
-
-            print(f"pushed: {push(args.checkpoint, args.repo_id, args.private, args.revision)}")
-        elif args.command == "predict":
-            return _predict(args)
-        elif args.command == "bench":
-            import json
-
-            from crnn_art.bench import print_report, run_bench
-
-            reports = [run_bench(args.device, args.image_size, b, args.steps, args.precision, workers=args.workers,
-                                 quick=args.quick, peak_tflops=args.peak_tflops, compile_trunk=args.compile)
-                       for b in args.batch]
-            if args.json:
-                print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
-            else:
-                for report in reports:
-                    print_report(report)
-        elif args.command == "explain":
-            from crnn_art.attention import explain_images
-            from crnn_art.checkpoints import load_model_folder
-
-            for item in explain_images(load_model_folder(args.checkpoint), args.images, args.output_dir):
-                if "error" in item:
-                    print(f"{item['image']}: skipped ({item['error']})", file=sys.stderr)
-                    continue
-                tops = "; ".join(f"{h}: " + ", ".join(f"{n} {p:.2f}" for n, p in v) for h, v in item["top"].items())
-                print(f"{item['image']}: {tops} -> {item['attention_png']}")
+        return _dispatch(args)
     except USER_ERRORS as exc:
-        print(f"crnn-art: error: {exc}", file=sys.stderr)
-        return 2
+        return report_exit(2, f"crnn-art: error: {exc}")
+    except KeyboardInterrupt:
+        return report_exit(130, "crnn-art: interrupted")
     except Exception as exc:
         from crnn_art.training import NonFiniteLoss, TrainingStopped
 
         if isinstance(exc, TrainingStopped):
-            if os.environ.get("RANK", "0") == "0":
-                print(f"crnn-art: {exc}", file=sys.stderr)
-            return exc.exit_code
+            return report_exit(exc.exit_code, f"crnn-art: {exc}", every_rank=False)
         if isinstance(exc, NonFiniteLoss):
-            print(f"crnn-art: error: {exc}", file=sys.stderr)
-            return 3
-        raise
-    except KeyboardInterrupt:
-        print("crnn-art: interrupted", file=sys.stderr)
-        return 130
+            return report_exit(3, f"crnn-art: error: {exc}")
+        return report_exit(1, _unexpected(exc, args.debug or os.environ.get("CRNN_ART_DEBUG") == "1"))
+
+
+def _unexpected(exc: BaseException, debug: bool) -> str:
+    """One line for an error crnn-art did not foresee; the traceback goes to a log file (and to stderr with --debug)."""
+    text = "".join(traceback.format_exception(exc))
+    folder = Path(tempfile.gettempdir()) / "crnn-art-errors"
+    log = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-rank{os.environ.get('RANK', '0')}-pid{os.getpid()}.log"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        log.write_text(text)
+        where = f"traceback in {log}"
+    except OSError:
+        where = "the traceback could not be saved"
+    if debug:
+        print(text, file=sys.stderr, end="")
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [""]
+    # a DataLoader worker's error arrives as "Caught X in DataLoader worker ..." + its traceback: add its last line
+    first = lines[0][:300] + (f" ... {lines[-1][:300]}" if len(lines) > 1 else "")
+    return (f"crnn-art: error: unexpected {type(exc).__name__}: {first} ({where}; "
+            "`crnn-art --debug ...` prints it; please report it with that file)")
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        output_dir = args.output_dir or f"runs/{args.preset or 'demo'}"
+        own = Path(output_dir) / "config.yaml"
+        if args.resume and not (args.preset or args.config or args.overrides) and own.is_file():
+            cfg = load_run_config(own)  # resuming with nothing said: the run's own config
+        else:
+            cfg = resolve_config(args.preset or "demo", args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        from crnn_art.training import train
+
+        train(cfg, output_dir, resume=args.resume)
+    elif args.command == "evaluate":
+        from crnn_art.evaluation import evaluate_checkpoint
+
+        evaluate_checkpoint(args.checkpoint, args.split, args.output_dir, args.batch_size)
+    elif args.command == "outliers":
+        from crnn_art.outliers import find_outliers
+
+        find_outliers(args.checkpoint, args.split, args.top, args.select, args.threshold, args.z,
+                      args.output_dir, args.known_wrong, args.batch_size)
+    elif args.command == "prepare":
+        from crnn_art.prepare import prepare
+
+        cfg = resolve_config(None, None, [f"data.source={args.source}", *args.overrides])
+        prepare(cfg.data, args.output_dir, args.short_side, args.quality, args.num_proc, args.shard_size)
+    elif args.command == "push":
+        from crnn_art.hub import push
+
+        print(f"pushed: {push(args.checkpoint, args.repo_id, args.private, args.revision)}")
+    elif args.command == "predict":
+        return _predict(args)
+    elif args.command == "bench":
+        _bench(args)
+    elif args.command == "explain":
+        _explain(args)
     return 0
 
 
+def _bench(args: argparse.Namespace) -> None:
+    import json
+
+    from crnn_art.bench import print_report, run_bench
+
+    reports = [run_bench(args.device, args.image_size, b, args.steps, args.precision, workers=args.workers,
+                         quick=args.quick, peak_tflops=args.peak_tflops, compile_trunk=args.compile)
+               for b in args.batch]
+    if args.json:
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    else:
+        for report in reports:
+            print_report(report)
+
+
+def _explain(args: argparse.Namespace) -> None:
+    from crnn_art.attention import explain_images
+    from crnn_art.checkpoints import load_model_folder
+
+    for item in explain_images(load_model_folder(args.checkpoint), args.images, args.output_dir):
+        if "error" in item:
+            print(f"{item['image']}: skipped ({item['error']})", file=sys.stderr)
+            continue
+        tops = "; ".join(f"{h}: " + ", ".join(f"{n} {p:.2f}" for n, p in v) for h, v in item["top"].items())
+        print(f"{item['image']}: {tops} -> {item['attention_png']}")
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The ``crnn-art`` entry point: run the command, then make sure this process can end.
+
+    DataLoader workers ignore SIGTERM (the training process decides when to stop), so the
+    interpreter's own exit, which terminates daemonic children with SIGTERM and joins them, would
+    wait forever on a worker still alive after an error; they are killed here first.
+    """
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    stop_worker_processes()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -265,6 +267,17 @@ def _build_section(cls: type, section: str, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+_NUMERAL = re.compile(r"[+-]?(\d[\d_]*(\.[\d_]*)?|\.\d[\d_]*)([eE][+-]?\d+)?")
+
+
+def _numeral(value: Any) -> Any:
+    """A number written as users write it (``3e-4``, ``1e6``, ``1_000``), which YAML 1.1 reads as a string."""
+    if isinstance(value, str) and _NUMERAL.fullmatch(value.strip()):
+        text = value.strip().replace("_", "")
+        return int(text) if text.lstrip("+-").isdigit() else float(text)
+    return value
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -281,10 +294,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be true or false, got {value!r}")
         return value
     if hint is int:
+        value = _numeral(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 1e6, 2.0
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if hint is float:
+        value = _numeral(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
@@ -354,6 +371,8 @@ def validate(cfg: RunConfig) -> None:
     need(t.batch_size >= 2 and t.batch_size % 2 == 0, "train.batch_size",
          "use an even number >= 2 (MixUp/CutMix pair samples)", t.batch_size)
     need(t.eval_batch_size >= 1, "train.eval_batch_size", "use an integer >= 1", t.eval_batch_size)
+    for key in ("lr", "backbone_lr", "min_lr", "weight_decay", "label_smoothing", "grad_clip"):
+        need(math.isfinite(getattr(t, key)), f"train.{key}", "use a finite number", getattr(t, key))
     for key in ("lr", "backbone_lr"):
         need(getattr(t, key) > 0, f"train.{key}", "use a positive learning rate", getattr(t, key))
     need(0 <= t.min_lr <= min(t.lr, t.backbone_lr), "train.min_lr", "use 0 <= min_lr <= both learning rates",
@@ -381,8 +400,46 @@ def validate(cfg: RunConfig) -> None:
     need(t.log_with in TRACKERS, "train.log_with", f"choose one of {', '.join(TRACKERS)}", t.log_with)
 
 
+def config_text(cfg: RunConfig) -> str:
+    """``config.yaml`` as written into a run folder."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(config_text(cfg))
+
+
+RESUME_SAFE_KEYS = frozenset({
+    "data.num_workers", "data.log_rows", "model.compile_trunk", "train.max_steps", "train.eval_batch_size",
+    "train.fused_adamw", "train.checkpoint_every_steps", "train.keep_last", "train.max_bad_steps",
+    "train.log_every", "train.log_with", "train.project_name", "hub.push_to_hub", "hub.private", "hub.revision",
+})
+"""Keys a resumed run may change: how it runs (workers, logging, checkpoint cadence, when to stop), not what
+it trains. Everything else (task, classes, data, sizes, batch, recipe, schedule, epochs) defines the run."""
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_config(run_cfg: RunConfig, cfg: RunConfig, run_dir: str | Path) -> None:
+    """Refuse to continue a run with a config that changes what it trains (one ``ConfigError`` naming the keys)."""
+    own, new = _flat(run_cfg.to_dict()), _flat(cfg.to_dict())
+    changed = [k for k in sorted(own.keys() | new.keys()) if own.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS]
+    if changed:
+        shown = ", ".join(f"{k} {own.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ConfigError(
+            f"--resume would change what the run in {run_dir} trains ({shown}{more}); resume with its own config "
+            "(leave out --preset/--config/--set, or change only workers, logging, checkpointing, train.max_steps), "
+            "or start a new run in another --output-dir"
+        )
 
 
 def load_run_config(path: str | Path) -> RunConfig:

@@ -160,15 +160,31 @@ def stage_model(checkpoint: str | Path, target: Path, repo_id: str | None = None
     return target
 
 
+class HubError(RuntimeError):
+    """The Hub could not be reached or refused the upload; the message names the repository and the fix."""
+
+
 def push(checkpoint: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
          api: HfApi | None = None) -> str:
-    """Create (or reuse) ``repo_id`` and upload the staged model; returns the commit URL."""
+    """Create (or reuse) ``repo_id`` and upload the staged model; returns the commit URL.
+
+    Raises ``HubError`` (one line) when the Hub cannot be reached or refuses: offline, no or a wrong token,
+    no write access. The run folder is only read.
+    """
     api = api or HfApi()
     with tempfile.TemporaryDirectory() as tmp:
         staged = stage_model(checkpoint, Path(tmp) / "model", repo_id)
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(staged), revision=revision,
-                                   commit_message=f"crnn-art: upload {Path(checkpoint).name}")
+        try:
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=str(staged), revision=revision,
+                                       commit_message=f"crnn-art: upload {Path(checkpoint).name}")
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise HubError(
+                f"could not push to the Hub repository {repo_id} ({type(exc).__name__}: {first}); check the network "
+                "and your token (HF_TOKEN or `hf auth login`, with write access), then run "
+                f"`crnn-art push --checkpoint {checkpoint} --repo-id {repo_id}`; nothing local was changed"
+            ) from exc
     return str(getattr(commit, "commit_url", commit))

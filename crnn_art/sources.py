@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from crnn_art.config import DataConfig
+from crnn_art.runs import atomic_write_text
 
 UNKNOWN_NAMES = frozenset({"Unknown Artist", "Unknown Genre", "Unknown Style"})
 SPLITS = ("train", "validation", "test")
@@ -352,12 +353,13 @@ def make_splits(num_rows: int, cfg: DataConfig, usable: np.ndarray | None = None
 
 
 def write_splits(splits: dict[str, np.ndarray], path: str | Path, cfg: DataConfig) -> None:
+    """``split.json``: the row ids of each split and what they were drawn from (replaced whole, never half-written)."""
     payload = {
         "source": cfg.source, "revision": cfg.revision, "split_seed": cfg.split_seed,
         "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
         **{name: splits[name].tolist() for name in SPLITS},
     }
-    Path(path).write_text(json.dumps(payload))
+    atomic_write_text(Path(path), json.dumps(payload), "the split")
 
 
 def read_splits(path: str | Path) -> dict[str, np.ndarray]:

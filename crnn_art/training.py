@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -38,16 +38,18 @@ from crnn_art.checkpoints import (
     CheckpointError,
     TrainState,
     complete_checkpoints,
-    find_checkpoint,
+    load_checkpoint,
+    plan_resume,
     read_history,
     save_checkpoint,
     save_model_folder,
 )
-from crnn_art.config import RunConfig, save_config
+from crnn_art.config import RunConfig, config_text
 from crnn_art.evaluation import METRIC_KEYS, compute_metrics, predict, selection_score
 from crnn_art.loaders import STREAMED, DrawnBatches, PaintingDataset, eval_loader, split_dataset
 from crnn_art.mixing import BatchMixer, one_hot_targets, soft_target_loss
 from crnn_art.model import CRNNArtClassifier
+from crnn_art.runs import RunFolderError, RunLock, append_line, atomic_write_text, check_output_dir
 from crnn_art.runtime import make_accelerator
 from crnn_art.sampling import GlobalDrawBatchSampler, _mix_seed, balanced_weights, local_batch_size
 from crnn_art.sources import DataError, make_splits, open_source, task_labels, write_splits
@@ -113,7 +115,18 @@ class StopRequests:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.orphaned = False
         self._previous: dict[int, Any] = {}
+        # under a launcher (torchrun / accelerate launch set LOCAL_RANK) a process whose launcher died
+        # (SIGKILL) would train on unsupervised: its parent changing counts as SIGTERM
+        self._parent = os.getppid() if "LOCAL_RANK" in os.environ else None
+
+    @property
+    def requested(self) -> int | None:
+        """The signal that asked the run to stop, if any (checked once per step)."""
+        if self.signal is None and self._parent is not None and os.getppid() != self._parent:
+            self.signal, self.orphaned = signal.SIGTERM, True
+        return self.signal
 
     def __enter__(self) -> StopRequests:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -140,26 +153,71 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
     """Run one training job (or continue one with ``resume``: ``latest``, a checkpoint folder, or
     ``auto`` = latest if the run has a checkpoint, else start).
 
-    Returns the final validation metrics (also in ``metrics.json``).
+    Nothing in the run folder is written before the resume is checked (``plan_resume``) and the
+    folder is held (``RunLock``, main process, released on any exit). A finished run is left as it
+    is. Returns the final validation metrics (also in ``metrics.json``).
     """
     t = cfg.train
     out = Path(output_dir)
+    check_output_dir(out)
     accelerator = make_accelerator(
         t.mixed_precision,
         log_with=None if t.log_with == "none" else t.log_with,
         project_dir=str(out),
     )
+    plan = plan_resume(cfg, out, resume)  # fail fast, before any data work or any write
+    if plan.finished or plan.at_max_steps:
+        return finish_run(accelerator, cfg, out, plan.finished)
+    lock = _hold_run_folder(accelerator, out)
+    try:
+        return _train(cfg, out, accelerator, plan.checkpoint)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _hold_run_folder(accelerator, out: Path) -> RunLock | None:
+    """The main process takes the run folder's lock; every process learns whether it could (then all stop alike)."""
+    lock, problem = None, ""
+    if accelerator.is_main_process:
+        lock = RunLock(out)
+        try:
+            lock.acquire()
+        except RunFolderError as exc:
+            lock, problem = None, str(exc)
+    problem = broadcast_object_list([problem])[0] if accelerator.num_processes > 1 else problem
+    if problem:
+        raise RunFolderError(problem)
+    return lock
+
+
+def finish_run(accelerator, cfg: RunConfig, out: Path, finished: bool) -> dict[str, Any]:
+    """Nothing to train: the last checkpoint is past the final epoch (``finished``) or at ``train.max_steps``.
+    Say so and change nothing; a finished run stopped before writing ``metrics.json`` gets it from its
+    history (no retraining)."""
+    console = Console(quiet=not accelerator.is_main_process, highlight=False)
+    existing = out / "metrics.json"
+    final = json.loads(existing.read_text()) if existing.is_file() else {}
+    if not finished:
+        console.print(f"{out} already stopped at train.max_steps={cfg.train.max_steps}: nothing to do; continue "
+                      "with a larger --set train.max_steps=N (or train.max_steps=null for the whole run)")
+    elif "loss" in final:
+        console.print(f"{out} is a finished run ({cfg.train.epochs} epochs): nothing to do; its results are in "
+                      f"{existing}. To train longer, start a new run (another --output-dir).")
+    elif accelerator.is_main_process:
+        final = _write_final(out, {}, cfg.heads)
+        console.print(metrics_table(final, cfg.heads))
+        console.print(f"{out} had finished training but not written metrics.json: written from history.jsonl")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> dict[str, Any]:
+    t = cfg.train
     is_main = accelerator.is_main_process
     console = Console(quiet=not is_main, highlight=False)
     set_seed(t.seed)  # the same initial weights on every process
-    if resume == "auto":  # requeued jobs: continue if there is something to continue
-        resume = "latest" if complete_checkpoints(out / CHECKPOINTS) else None
-    resume_from = find_checkpoint(out, resume) if resume else None  # fail fast, before any data work
-    if resume_from is None and complete_checkpoints(out / CHECKPOINTS):
-        raise CheckpointError(
-            f"{out} already holds checkpoints of a run: continue it with --resume latest, "
-            "or give another --output-dir"
-        )
 
     # ---- data: source -> task labels -> split -> datasets -------------------------------------
     with accelerator.local_main_process_first():  # one process per machine generates/downloads first
@@ -170,8 +228,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
     labels = task_labels(source, cfg.heads, cfg.data)
     splits = make_splits(len(source), cfg.data, labels.known_rows(), opened.splits)
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        atomic_write_text(out / "config.yaml", config_text(cfg), "the run's config")
         write_splits(splits, out / "split.json", cfg.data)
     size = cfg.data.image_size
     train_side = max(eval_resize(size), math.ceil(size / math.sqrt(cfg.augment.crop_scale[0])))
@@ -234,9 +291,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
 
     # ---- state: what a checkpoint holds besides weights, optimizer, scaler and RNG -----------------
     state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state, *([ema] if ema is not None else []))
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        load_checkpoint(accelerator, resume_from, state, scheduler, ema)
         console.print(f"resumed from {resume_from}: epoch {state.epoch}, {state.batch} batches done, step {state.step}")
     if is_main:
         _keep_history_before(out, state.epoch)
@@ -314,26 +370,26 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
                         finite = finite and bool(torch.isfinite(loss))
                         accelerator.backward(loss / t.grad_accum_steps)
                     step_loss += loss.detach() / t.grad_accum_steps
-                # every process learns whether any process saw a non-finite loss or a stop signal
-                flags = accelerator.reduce(torch.tensor([float(not finite), float(stops.signal is not None)],
+                if frozen:
+                    for p in raw_model.stem_parameters():
+                        p.grad = None
+                # the gradient norm (clipped when train.grad_clip > 0) is the same on every process after DDP's
+                # all-reduce; a non-finite one would write inf/NaN weights. fp16 leaves that to its loss scaler.
+                norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+                if accelerator.mixed_precision != "fp16":
+                    finite = finite and bool(torch.isfinite(norm))
+                # every process learns whether any process saw a non-finite loss or gradient, or a stop request
+                flags = accelerator.reduce(torch.tensor([float(not finite), float(stops.requested == signal.SIGTERM),
+                                                         float(stops.requested == signal.SIGINT)],
                                                         device=accelerator.device), reduction="sum")
                 if flags[0] > 0:
                     optimizer.zero_grad(set_to_none=True)
                     bad_in_row += 1
                     state.nonfinite_steps += 1
                     if bad_in_row >= t.max_bad_steps:
-                        raise NonFiniteLoss(
-                            f"{bad_in_row} consecutive steps had a non-finite loss (step {state.step}); the last good "
-                            f"checkpoint in {out / CHECKPOINTS} is intact: lower train.lr or use "
-                            "train.mixed_precision=no, then resume with --resume latest"
-                        )
+                        raise NonFiniteLoss(_nonfinite_message(out, bad_in_row, state.step))
                 else:
                     bad_in_row = 0
-                    if frozen:
-                        for p in raw_model.stem_parameters():
-                            p.grad = None
-                    if t.grad_clip > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
                     optimizer.step()
                     if accelerator.optimizer_step_was_skipped:
                         state.scaler_skips += 1  # fp16 loss scaling found inf gradients and lowered the scale
@@ -353,7 +409,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
                     accelerator.log({"train/loss": step_loss.item(), "train/lr": lr[1], "train/backbone_lr": lr[0],
                                      "train/images_per_s": seen * t.batch_size / max(time.perf_counter() - t0, 1e-9)},
                                     step=state.step)
-                if flags[1] > 0:
+                if flags[1] + flags[2] > 0:  # every process stops here, with the signal one of them received
+                    stops.signal = stops.signal or (signal.SIGINT if flags[2] > 0 else signal.SIGTERM)
                     stop_reason = "signal"
                     break
                 if t.max_steps is not None and state.step >= t.max_steps:
@@ -361,7 +418,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
                     break
                 if t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0 \
                         and state.batch < steps_per_epoch:
-                    save_checkpoint(accelerator, out, state, t.keep_last)
+                    _checkpoint(accelerator, out, state, t.keep_last, scheduler, ema, model, console)
             elapsed = time.perf_counter() - t0
             progress.remove_task(task)
             del batches
@@ -371,10 +428,12 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
                         torch.cat(rows_seen).numpy())
             epoch_done = state.batch >= steps_per_epoch
             if stop_reason == "signal" or (stop_reason == "max_steps" and not epoch_done):
-                save_checkpoint(accelerator, out, state, t.keep_last)  # before evaluating: resume starts here
+                # before evaluating: resume starts here
+                _checkpoint(accelerator, out, state, t.keep_last, scheduler, ema, model, console)
             if stop_reason == "signal":
                 break
-            train_loss = float(accelerator.reduce(loss_sum / max(seen, 1), reduction="mean"))
+            # `seen` (applied steps) is the same on every process: the skip decision is agreed
+            train_loss = float(accelerator.reduce(loss_sum / seen, reduction="mean")) if seen else None
             skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), reduction="sum"))
 
             metrics = compute_metrics(predict(model, val_loader, accelerator, cfg.heads, progress), cfg.heads)
@@ -397,25 +456,26 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
                 "val": {k: v for k, v in metrics.items() if k not in ("epoch", "step")},
                 **({"val_ema": ema_metrics} if ema_metrics else {}),
             }
-            accelerator.log({f"val/{k}": metrics[k] for k in METRIC_KEYS} | {"train/epoch_loss": train_loss}
+            accelerator.log({f"val/{k}": metrics[k] for k in METRIC_KEYS}
+                            | ({"train/epoch_loss": train_loss} if train_loss is not None else {})
                             | ({f"val_ema/{k}": ema_metrics[k] for k in METRIC_KEYS} if ema_metrics else {}),
                             step=state.step)
             accelerator.wait_for_everyone()
             if is_main:
-                with open(out / HISTORY, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                append_line(out / HISTORY, json.dumps(record), "the history")
                 unwrapped = accelerator.unwrap_model(model)
                 info = {"epoch": epoch, "step": state.step, "metrics": metrics, "task": cfg.data.task}
-                save_model_folder(unwrapped, out / "last", info)
-                if improved:
-                    save_model_folder(unwrapped, out / "best", info)
-                if ema is not None:
+                if _all_finite(unwrapped):  # never replace a model folder with inf/NaN weights
+                    save_model_folder(unwrapped, out / "last", info)
+                    if improved:
+                        save_model_folder(unwrapped, out / "best", info)
+                if ema is not None and _all_finite(ema.module):
                     save_model_folder(ema.module, out / "last_ema", {**info, "metrics": ema_metrics, "ema": True})
             if epoch_done:
                 state.epoch, state.batch = epoch + 1, 0
                 if improved:
                     state.best_step = state.step
-                save_checkpoint(accelerator, out, state, t.keep_last)
+                _checkpoint(accelerator, out, state, t.keep_last, scheduler, ema, model, console)
             console.print(_summary_line(epoch, t.epochs, record, metrics, improved))
             if stop_reason == "max_steps":
                 console.print(f"stopped after {state.step} optimizer steps (train.max_steps={t.max_steps}); "
@@ -423,7 +483,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
                 break
 
     if stop_reason == "signal":
-        name = signal.Signals(stops.signal).name
+        name = signal.Signals(stops.signal).name + (" (the launcher is gone)" if stops.orphaned else "")
         accelerator.end_training()
         raise TrainingStopped(
             f"stopped by {name} at step {state.step} (epoch {state.epoch}, batch {state.batch}/{steps_per_epoch}); "
@@ -432,8 +492,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
         )
     final = dict(metrics)
     if is_main:
-        final["best"] = _best_from_history(out, cfg.heads)
-        (out / "metrics.json").write_text(json.dumps(final, indent=2))
+        final = _write_final(out, metrics, cfg.heads)
         console.print(metrics_table(final, cfg.heads))
         console.print(f"run saved in {out}/: best/, last/, metrics.json, history.jsonl, config.yaml, split.json, "
                       f"{CHECKPOINTS}/")
@@ -461,7 +520,47 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _keep_history_before(out: Path, epoch: int) -> None:
     """On (re)start, keep only whole epochs before the one in progress (drops a stopped run's partial line)."""
     kept = [r for r in read_history(out) if r["epoch"] < epoch and not r.get("partial")]
-    (out / HISTORY).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    atomic_write_text(out / HISTORY, "".join(json.dumps(r) + "\n" for r in kept), "the history")
+
+
+def _write_final(out: Path, metrics: dict[str, Any], heads: tuple[str, ...]) -> dict[str, Any]:
+    """``metrics.json``: the final epoch's validation metrics (from the history when this process ran no epoch)
+    and the best whole epoch's."""
+    final = dict(metrics)
+    if not final:
+        whole = [r for r in read_history(out) if not r.get("partial")]
+        if not whole:
+            raise CheckpointError(f"{out / HISTORY} holds no finished epoch; the run cannot be summarised")
+        final = {**whole[-1]["val"], "epoch": whole[-1]["epoch"], "step": whole[-1]["step"]}
+    final["best"] = _best_from_history(out, heads)
+    atomic_write_text(out / "metrics.json", json.dumps(final, indent=2), "metrics.json")
+    return final
+
+
+def _nonfinite_message(out: Path, bad_in_row: int, step: int) -> str:
+    """Why the run stops, and what is left to resume from (only checkpoints with finite weights are ever written)."""
+    done = complete_checkpoints(out / CHECKPOINTS)
+    left = (f"the last good checkpoint, {done[-1].name}, is intact: lower train.lr (or use train.mixed_precision=no), "
+            "then resume with --resume latest" if done else
+            "no checkpoint was written (the weights were never finite at a checkpoint): lower train.lr (or use "
+            "train.mixed_precision=no) and start again")
+    return f"{bad_in_row} consecutive steps had a non-finite loss or gradient (step {step}); {left}"
+
+
+def _all_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if t.is_floating_point())
+
+
+def _checkpoint(accelerator, out: Path, state: TrainState, keep_last: int, scheduler, ema, model,
+                console: Console) -> None:
+    """Save a checkpoint only when every process's weights (and EMA) are finite, so that rotation never
+    replaces the last good checkpoint with a broken one."""
+    finite = _all_finite(model) and (ema is None or _all_finite(ema))
+    if accelerator.reduce(torch.tensor(float(not finite), device=accelerator.device), reduction="sum") > 0:
+        console.print(f"[yellow]warning:[/] the weights at step {state.step} are not finite: no checkpoint written, "
+                      "the earlier ones are kept")
+        return
+    save_checkpoint(accelerator, out, state, keep_last, scheduler, ema)
 
 
 def _best_from_history(out: Path, heads: tuple[str, ...]) -> dict[str, Any] | None:
@@ -479,7 +578,10 @@ def _best_from_history(out: Path, heads: tuple[str, ...]) -> dict[str, Any] | No
 def _summary_line(epoch: int, epochs: int, record: dict, metrics: dict, improved: bool) -> str:
     mark = " [green]* best[/]" if improved else ""
     return (
-        f"epoch {epoch}/{epochs} | train loss {record['train_loss']:.3f} | val loss {metrics['loss']:.3f} "
+        f"epoch {epoch}/{epochs} | "
+        + (f"train loss {record['train_loss']:.3f}" if record["train_loss"] is not None
+           else "train loss n/a (no step applied: every step was skipped as non-finite)")
+        + f" | val loss {metrics['loss']:.3f} "
         f"top1 {metrics['top1']:.1f} top5 {metrics['top5']:.1f} macroF1 {metrics['macro_f1']:.1f} "
         f"weightedF1 {metrics['weighted_f1']:.1f}"
         + (f" joint {metrics['joint_exact_match']:.1f}" if "joint_exact_match" in metrics else "")

@@ -51,15 +51,17 @@ def scratch(tmp_path_factory, name: str = "runs") -> Iterator[Path]:
 
 
 def run_cli(args: list[str], *, processes: int = 1, env: dict | None = None, timeout: int = 600,
-            check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``crnn-art ARGS`` as a user would: plain, or under ``accelerate launch`` with the CPU config."""
+            check: bool = True, cwd: Path | None = None, launcher: str = "accelerate") -> subprocess.CompletedProcess:
+    """Run ``crnn-art ARGS`` as a user would: plain, or with two processes under ``accelerate launch`` (or
+    ``launcher="crnn-art-launch"``, the wrapper that passes exit statuses on) with the CPU config."""
     inherited = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
     if processes == 1:
         cmd = [sys.executable, "-m", "crnn_art", *args]
     else:
         assert processes == 2, "the shipped CPU config starts two processes"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
+        module = "accelerate.commands.launch" if launcher == "accelerate" else "crnn_art.launcher"
+        cmd = [sys.executable, "-m", module, "--config_file", str(CPU_2PROC),
                "--main_process_port", str(_free_port()), "-m", "crnn_art", *args]
     result = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or ROOT)
     if check and result.returncode != 0:

@@ -54,3 +54,18 @@ def test_cli_reports_config_error_in_one_line_before_any_work(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.epoch" in lines[0] and "train.epochs" in lines[0]
     assert not (tmp_path / "demo").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("key", "written", "value"), [
+    ("train.lr", "3e-4", 3e-4), ("train.lr", "1E-3", 1e-3), ("train.lr", ".5", 0.5), ("train.weight_decay", "1e6", 1e6),
+    ("train.log_every", "1_000", 1000), ("train.epochs", "1e1", 10), ("train.lr", "+2.5e-4", 2.5e-4),
+])
+def test_numbers_as_users_write_them(key, written, value):
+    section, name = key.split(".")
+    assert getattr(getattr(resolve_config(None, None, [f"{key}={written}"]), section), name) == value
+
+
+@pytest.mark.parametrize("written", ["1.5", "3e-4", "ten"])
+def test_a_non_integer_for_an_integer_key_is_one_clear_error(written):
+    with pytest.raises(ConfigError, match="train.epochs must be an integer"):
+        resolve_config(None, None, [f"train.epochs={written}"])

@@ -188,13 +188,15 @@ def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path, demo_dir)
 
 
 def test_disk_full_during_a_save_is_one_clear_line_and_keeps_earlier_checkpoints(tmp_path):
-    """ENOSPC mid-save (as safetensors reports it) names the fix and leaves no half-written folder."""
+    """ENOSPC mid-save (as safetensors reports it) names the free space and the fix, leaves no half-written folder."""
     import errno
 
-    from crnn_art.checkpoints import CheckpointError, TrainState, save_checkpoint
+    from crnn_art.checkpoints import TrainState, save_checkpoint
+    from crnn_art.runs import RunFolderError
 
     class Accelerator:
         is_main_process = True
+        num_processes = 1
         full = False
 
         def wait_for_everyone(self) -> None:
@@ -202,16 +204,19 @@ def test_disk_full_during_a_save_is_one_clear_line_and_keeps_earlier_checkpoints
 
         def save_state(self, output_dir: str) -> None:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(output_dir) / "model.safetensors").write_bytes(b"x" * 64)
+            for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):
+                (Path(output_dir) / name).write_bytes(b"x" * 64)
             if self.full:
                 raise OSError(errno.ENOSPC, "No space left on device")
 
     acc, state = Accelerator(), TrainState()
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([torch.zeros(1)], lr=0.1), T_max=5)
     state.step = 5
-    first = save_checkpoint(acc, tmp_path, state, keep_last=1)
+    first = save_checkpoint(acc, tmp_path, state, 1, scheduler)
     acc.full, state.step = True, 10
-    with pytest.raises(CheckpointError, match="disk full.*keep_last.*--resume latest") as info:
-        save_checkpoint(acc, tmp_path, state, keep_last=1)
+    with pytest.raises(RunFolderError, match=r"could not write checkpoint .*No space left.*GiB free there.*"
+                                             r"keep_last.*--resume latest") as info:
+        save_checkpoint(acc, tmp_path, state, 1, scheduler)
     assert "\n" not in str(info.value)
     assert complete_checkpoints(tmp_path / "checkpoints") == [first]
     verify_checkpoint(first)
