@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,18 +68,50 @@ def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+@dataclass
+class ModelFolder:
+    """Where a ``--checkpoint``/``--model`` argument leads: the model folder, its run, what was chosen."""
+
+    path: Path
+    """The folder with ``config.json`` and ``model.safetensors``."""
+    run_dir: Path | None
+    """The run it belongs to (the folder with ``config.yaml``), if any."""
+    note: str = ""
+    """Said to the user when a run folder was given and its ``best/`` is missing."""
+
+
+def resolve_model_folder(given: str | Path) -> ModelFolder:
+    """A run folder (its ``best/``, else ``last/`` with a note) or a model folder; anything else is a
+    ``ModelLoadError`` that names the path as given and what to pass instead."""
+    folder = Path(given)
+    what = "pass a run folder (e.g. runs/demo) or its best/ or last/ folder"
+    if not folder.exists():
+        raise ModelLoadError(f"{given} does not exist; {what}")
+    if not folder.is_dir():
+        raise ModelLoadError(f"{given} is a file; {what}")
+    if (folder / MANIFEST).is_file() or folder.parent.name == CHECKPOINTS:
+        raise ModelLoadError(f"{given} is a training checkpoint (for train --resume), not a model; pass the run "
+                             f"folder {folder.parent.parent} or its best/ folder")
+    if (folder / "config.json").is_file() or (folder / WEIGHTS_NAME).is_file():
+        run = folder.parent if (folder.parent / "config.yaml").is_file() else None
+        return ModelFolder(folder, run)
+    if (folder / "config.yaml").is_file():
+        if (folder / "best" / "config.json").is_file():
+            return ModelFolder(folder / "best", folder)
+        if (folder / "last" / "config.json").is_file():
+            return ModelFolder(folder / "last", folder, f"{given} has no best/ (no whole epoch was completed with a "
+                                                        "best score): using last/")
+        raise ModelLoadError(f"{given} is a run without a saved model yet (no best/ or last/): train it first, "
+                             "or continue it with train --resume latest")
+    raise ModelLoadError(f"{given} is neither a run folder (config.yaml) nor a model folder (config.json and "
+                         f"{WEIGHTS_NAME}); {what}")
+
+
 def load_model_folder(folder: str | Path, map_location: str = "cpu") -> CRNNArtClassifier:
-    """Load a ``best/`` or ``last/`` folder, or a run folder: its ``best/`` (``last/`` if no epoch finished)."""
-    folder = Path(folder)
-    if not (folder / WEIGHTS_NAME).exists():
-        for name in ("best", "last"):
-            if (folder / name).is_dir():
-                folder = folder / name
-                break
+    """Load a ``best/`` or ``last/`` folder, or a run folder (see ``resolve_model_folder``), strictly."""
+    folder = resolve_model_folder(folder).path
     if not (folder / "config.json").is_file():
-        raise ModelLoadError(
-            f"{folder} has no config.json; pass a run's best/ or last/ folder (or the run folder itself)"
-        )
+        raise ModelLoadError(f"{folder} has no config.json; pass a run's best/ or last/ folder (or the run folder)")
     try:
         json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as exc:
@@ -194,6 +227,9 @@ def rotate(root: Path, keep_last: int, best_step: int | None) -> None:
 def read_manifest(path: Path) -> dict[str, Any]:
     """A checkpoint's manifest; a missing or damaged one is a ``CheckpointError`` naming the fix."""
     manifest = path / MANIFEST
+    if (path / CHECKPOINTS).is_dir() or (path / "config.yaml").is_file():
+        raise CheckpointError(f"{path} is a run folder, not a checkpoint: continue it with --output-dir {path} "
+                              "--resume latest")
     if not manifest.is_file():
         raise CheckpointError(
             f"{path} is not a complete checkpoint (no {MANIFEST}: the save was interrupted); "
@@ -227,6 +263,10 @@ def verify_checkpoint(path: Path, processes: int | None = None) -> dict[str, Any
     count = processes if processes is not None else int(info.get("processes") or 1)
     needed = [*ACCELERATE_FILES, STATE_FILE, *(f"random_states_{i}.pkl" for i in range(max(count, 1)))]
     missing = [name for name in needed if name not in files]
+    extra_rng = [name for name in files if name.startswith("random_states_") and name not in needed]
+    if extra_rng:
+        raise CheckpointError(f"checkpoint {path} holds {', '.join(extra_rng)} beyond its {count} process(es): it "
+                              "was altered; resume from another checkpoint with --resume PATH")
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; resume from an older checkpoint")
     present = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -255,15 +295,22 @@ def load_checkpoint(accelerator, path: Path, state: TrainState, scheduler, ema=N
     this process's RNG file is read the same way first. The run's own state is JSON and
     safetensors. Any file that does not load is one line naming the checkpoint.
     """
-    if ema is not None and not (path / EMA_FILE).is_file():
-        raise CheckpointError(f"checkpoint {path} has no EMA weights but the run keeps an EMA (train.ema_decay); "
-                              "resume from a checkpoint of this run")
+    if (ema is not None) != (path / EMA_FILE).is_file():
+        raise CheckpointError(f"checkpoint {path} {'lacks' if ema is not None else 'holds'} EMA weights but this run "
+                              f"{'keeps' if ema is not None else 'keeps no'} EMA (train.ema_decay); resume from a "
+                              "checkpoint of this run")
+    if (path / "scaler.pt").is_file() != (accelerator.scaler is not None):
+        raise CheckpointError(f"checkpoint {path} does not match this run's precision (fp16 loss-scaler state "
+                              f"{'present' if (path / 'scaler.pt').is_file() else 'missing'}); resume with the "
+                              "precision it was saved with")
     if not (path / f"random_states_{accelerator.process_index}.pkl").is_file():
         raise CheckpointError(f"checkpoint {path} has no random state for process {accelerator.process_index}; "
                               "it was written by fewer processes: resume with as many processes as it was saved by")
     try:
-        load(str(path / f"random_states_{accelerator.process_index}.pkl"))
-        accelerator.load_state(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols: the load below fails or not
+            load(str(path / f"random_states_{accelerator.process_index}.pkl"))
+            accelerator.load_state(str(path))
         own = json.loads((path / STATE_FILE).read_text())
         state.load_state_dict(own["train_state"])
         scheduler.load_state_dict(own["scheduler"])

@@ -110,9 +110,15 @@ def _predict(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from crnn_art.predict import collect_paths, load_model, predict_images
+    from crnn_art.sources import IMAGE_EXTENSIONS
 
     model = load_model(args.model)
     paths = collect_paths(args.paths)
+    if not paths:
+        from crnn_art.sources import DataError
+
+        raise DataError(f"no images found in {', '.join(args.paths)} (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                        "files, recursively in folders); give image files, folders or .txt lists of paths")
     errors = 0
     console = Console(stderr=True, highlight=False)
     with Progress(console=console, transient=True, disable=args.json) as progress:
@@ -133,7 +139,7 @@ def _predict(args: argparse.Namespace) -> int:
                 progress.console.print(f"{result['image']}: {tops}")
     if errors:
         print(f"crnn-art: {errors} of {len(paths)} files could not be read", file=sys.stderr)
-    return 0
+    return 2 if errors == len(paths) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

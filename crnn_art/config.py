@@ -418,11 +418,12 @@ RESUME_SAFE_KEYS = frozenset({
 it trains. Everything else (task, classes, data, sizes, batch, recipe, schedule, epochs) defines the run."""
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``: one entry per key, named as ``--set`` names it."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flat_config(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -430,7 +431,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_resume_config(run_cfg: RunConfig, cfg: RunConfig, run_dir: str | Path) -> None:
     """Refuse to continue a run with a config that changes what it trains (one ``ConfigError`` naming the keys)."""
-    own, new = _flat(run_cfg.to_dict()), _flat(cfg.to_dict())
+    own, new = flat_config(run_cfg.to_dict()), flat_config(cfg.to_dict())
     changed = [k for k in sorted(own.keys() | new.keys()) if own.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS]
     if changed:
         shown = ", ".join(f"{k} {own.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])

@@ -121,12 +121,13 @@ class RunSplit:
     model: Any
     dataset: Any  # loaders.PaintingDataset with the eval transform
     rows: np.ndarray
+    note: str = ""  # which model folder was chosen, when the user gave a run without best/
 
 
 def open_run_split(checkpoint: str, split: str) -> RunSplit:
     """Resolve a run folder (or its best/, last/), build the Accelerator, load the model strictly,
     and open the split's rows of the run's own source with the run's own task labels."""
-    from crnn_art.checkpoints import load_model_folder
+    from crnn_art.checkpoints import load_model_folder, resolve_model_folder
     from crnn_art.config import load_run_config
     from crnn_art.loaders import STREAMED, split_dataset
     from crnn_art.model import ModelLoadError
@@ -136,8 +137,11 @@ def open_run_split(checkpoint: str, split: str) -> RunSplit:
 
     if split not in SPLITS:
         raise DataError(f"--split {split!r} is not a split; choose one of {', '.join(SPLITS)}")
-    folder = Path(checkpoint)
-    run_dir = folder if (folder / "config.yaml").is_file() else folder.parent
+    found = resolve_model_folder(checkpoint)
+    folder, run_dir = found.path, found.run_dir
+    if run_dir is None:
+        raise ModelLoadError(f"{checkpoint} is a model folder outside a run: this command needs the run it came from "
+                             "(its config.yaml and split.json); pass the run folder")
     cfg = load_run_config(run_dir / "config.yaml")
     rows = read_splits(run_dir / "split.json")[split]
     if len(rows) == 0:
@@ -156,7 +160,7 @@ def open_run_split(checkpoint: str, split: str) -> RunSplit:
     with accelerator.local_main_process_first():
         dataset = split_dataset(opened, rows, labels.labels, eval_transform(size), eval_resize(size),
                                 run_dir / STREAMED, split)
-    return RunSplit(cfg, run_dir, folder, accelerator, model, dataset, rows)
+    return RunSplit(cfg, run_dir, folder, accelerator, model, dataset, rows, found.note)
 
 
 def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | None = None,
@@ -176,6 +180,7 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | 
     cfg, run_dir, folder, accelerator, model, dataset = (run.cfg, run.run_dir, run.folder, run.accelerator,
                                                          run.model, run.dataset)
     console = Console(quiet=not accelerator.is_main_process, highlight=False)
+    console.print(f"evaluating {folder} on the {split} split" + (f" (note: {run.note})" if run.note else ""))
     loader = accelerator.prepare(eval_loader(dataset, batch_size or cfg.train.eval_batch_size, cfg.data.num_workers))
     model_names = model.class_names
     model = accelerator.prepare(model)

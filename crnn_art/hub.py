@@ -140,12 +140,10 @@ crnn-art predict --model {name} painting.jpg my_folder/ --top-k 3 --json
 
 def stage_model(checkpoint: str | Path, target: Path, repo_id: str | None = None) -> Path:
     """Copy what a repository needs into ``target``: weights, config, card, reports."""
-    from crnn_art.checkpoints import load_model_folder
+    from crnn_art.checkpoints import load_model_folder, resolve_model_folder
 
-    folder = Path(checkpoint)
-    if not (folder / "model.safetensors").is_file():
-        folder = folder / "best" if (folder / "best").is_dir() else folder / "last"
-    run_dir = folder.parent
+    found = resolve_model_folder(checkpoint)
+    folder, run_dir = found.path, found.run_dir or found.path.parent
     load_model_folder(folder)  # refuse to publish a damaged or mismatched folder
     target.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors", "training.json"):

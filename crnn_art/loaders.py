@@ -99,6 +99,17 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+WORKER_TIMEOUT = 120
+"""Seconds to wait for one batch from DataLoader workers before the run fails with an error. A worker
+can stay alive yet never deliver (its shared-memory segment could not be allocated): without a limit
+the training process would wait forever, deaf to SIGTERM. One batch of a few dozen images takes
+well under a second; a streamed batch that waits on the network a few seconds."""
+
+
+def loader_timeout(num_workers: int) -> float:
+    return WORKER_TIMEOUT if num_workers > 0 else 0
+
+
 def train_loader(dataset: PaintingDataset, sampler: GlobalDrawBatchSampler, num_workers: int) -> DataLoader:
     """Not passed through ``accelerator.prepare``: the sampler already gives each process its share."""
     return DataLoader(
@@ -107,6 +118,7 @@ def train_loader(dataset: PaintingDataset, sampler: GlobalDrawBatchSampler, num_
         worker_init_fn=_ignore_stop_signals,
         collate_fn=functools.partial(collate, keep_skipped=False),
         num_workers=num_workers,
+        timeout=loader_timeout(num_workers),
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,  # the batch sampler runs in this process: set_epoch still applies
     )
@@ -155,5 +167,6 @@ def eval_loader(dataset: PaintingDataset, batch_size: int, num_workers: int) -> 
         drop_last=False,
         collate_fn=functools.partial(collate, keep_skipped=True),
         num_workers=num_workers,
+        timeout=loader_timeout(num_workers),
         pin_memory=torch.cuda.is_available(),
     )

@@ -277,6 +277,7 @@ def find_outliers(checkpoint: str, split: str = "train", top: int = 50, mode: st
     run = open_run_split(checkpoint, split)
     cfg, run_dir, accelerator, dataset, rows = run.cfg, run.run_dir, run.accelerator, run.dataset, run.rows
     console = Console(quiet=not accelerator.is_main_process, highlight=False)
+    console.print(f"scoring the {split} split with {run.folder}" + (f" (note: {run.note})" if run.note else ""))
     model = run.model.to(accelerator.device)
     # Each process embeds its own positions (no padding, so no sample is counted twice).
     shard = Subset(dataset, list(range(accelerator.process_index, len(dataset), accelerator.num_processes)))
@@ -376,6 +377,7 @@ def _write_html(path: Path, selected: list[Scored], model, dataset, rows: np.nda
     """A self-contained page (images inline as base64): painting, attention overlay, labels, scores."""
     from crnn_art.attention import attention_map, eval_view, overlay
     from crnn_art.decoding import decode_image
+    from crnn_art.transforms import eval_resize
 
     position = {int(r): i for i, r in enumerate(rows)}
     model.eval()
@@ -386,7 +388,7 @@ def _write_html(path: Path, selected: list[Scored], model, dataset, rows: np.nda
         out = model(item["image"][None].to(device))
         amap = attention_map(out.row_attention, out.col_attention)[0].cpu().numpy()
         image = dataset.images[int(dataset.image_index[position[s.row]])]["image"]
-        view = eval_view(decode_image(image), model.image_size)
+        view = eval_view(decode_image(image, eval_resize(model.image_size)), model.image_size)
         names = model.class_names[s.head]
         cards.append(
             f"<div class='card'><div class='imgs'><img src='{_png(view)}' title='painting'>"

@@ -34,12 +34,39 @@ def collect_paths(inputs: Iterable[str | Path]) -> list[str]:
     return paths
 
 
+def _is_local(model: str | Path) -> bool:
+    """A path, not a Hub id: it exists, or it is written like a path (``./x``, ``/x``, ``~/x``, ``a/b/c``, or
+    ``a/b`` whose ``a`` is a local folder, e.g. a mistyped ``runs/dmeo``). Such a path that does not exist is
+    an error at once, not a Hub request."""
+    text = str(model)
+    parts = text.replace("\\", "/").split("/")
+    return (isinstance(model, Path) or Path(text).exists() or text.startswith((".", "/", "~")) or len(parts) > 2
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
+
+
+def _from_hub(repo_id: str):
+    """``from_pretrained`` from the Hub (or its cache); a Hub that cannot be reached or a repository that
+    does not exist is one ``ModelLoadError`` line."""
+    from crnn_art.model import CRNNArtClassifier, ModelLoadError
+
+    try:
+        return CRNNArtClassifier.from_pretrained(repo_id)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ModelLoadError(
+            f"--model {repo_id} is not a local folder and could not be loaded from the Hub ({type(exc).__name__}: "
+            f"{first}); give a run folder or a best/ folder, or a Hub id USER/NAME with the network reachable "
+            "(or cached, with HF_HUB_OFFLINE=1)"
+        ) from exc
+
+
 def load_model(model: str | Path, device: str | torch.device | None = None):
     """A model folder, a run folder (its best/), or a Hub id; strict loading from safetensors only."""
     from crnn_art.checkpoints import load_model_folder
-    from crnn_art.model import CRNNArtClassifier
 
-    net = load_model_folder(model) if Path(model).exists() else CRNNArtClassifier.from_pretrained(str(model))
+    net = load_model_folder(model) if _is_local(model) else _from_hub(str(model))
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return net.to(device).eval()
 
@@ -53,7 +80,7 @@ def predict_images(model, inputs: Iterable[str | Path], top_k: int = 5, batch_si
     from crnn_art.attention import attention_map, eval_view, overlay
     from crnn_art.attention import side_by_side as pair
     from crnn_art.decoding import DecodeError, decode_image
-    from crnn_art.transforms import eval_transform
+    from crnn_art.transforms import eval_resize, eval_transform
 
     model.eval()
     device = next(model.parameters()).device
@@ -88,7 +115,7 @@ def predict_images(model, inputs: Iterable[str | Path], top_k: int = 5, batch_si
 
     for path in collect_paths(inputs):
         try:
-            image = decode_image(str(path))
+            image = decode_image(str(path), eval_resize(model.image_size))
         except DecodeError as exc:
             yield from flush()
             yield {"image": str(path), "error": f"cannot decode: {exc}"}

@@ -41,8 +41,8 @@ def write_error(target: Path, what: str, exc: BaseException) -> RunFolderError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
     return RunFolderError(
         f"could not write {what} {target} ({type(exc).__name__}: {first}); {free_gib(target):.2f} GiB free there: "
-        "free space (or lower train.keep_last) and check the folder is writable, then continue with "
-        "--resume latest; what was saved before is intact"
+        "free space (or lower train.keep_last) and check the folder is writable, then run the command again "
+        "(add --resume latest if the run has a checkpoint); what was saved before is intact"
     )
 
 

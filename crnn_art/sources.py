@@ -192,12 +192,35 @@ def _first_file(folder: Path, names: list[str]) -> Path | None:
     return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
+def _read_artgan_list(path: Path, classes: int) -> list[tuple[str, int]]:
+    """``relative/path.jpg,label`` rows; a header line (``path,label``) is skipped. Any other row that is not a path
+    and a label in ``0 .. classes-1`` is a ``DataError`` naming the file, the line and what is wrong."""
+    import csv
+
+    rows = []
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        for number, row in enumerate(csv.reader(fh), 1):
+            if not row or not "".join(row).strip():
+                continue
+            if number == 1 and len(row) >= 2 and not row[1].strip().lstrip("-").isdigit():
+                continue  # a header
+            problem = None
+            if len(row) < 2 or not row[1].strip():
+                problem = "has no label (expected relative/path.jpg,label)"
+            elif not row[1].strip().lstrip("-").isdigit():
+                problem = f"has the label {row[1].strip()!r}, not an integer"
+            elif not 0 <= int(row[1]) < classes:
+                problem = f"has the label {int(row[1])}, outside 0..{classes - 1} (the class file lists {classes})"
+            if problem:
+                raise DataError(f"{path}, line {number} {problem}; fix or remove that line")
+            rows.append((row[0].strip(), int(row[1])))
+    return rows
+
+
 def _artgan(cfg: DataConfig) -> Source:
     """The ArtGAN protocol: ``<task>_train_clean.csv`` / ``<task>_val_clean.csv`` (``relative/path,label``; the
     published ``<task>_train.csv`` / ``<task>_val.csv`` are read when no cleaned copy is there) and
     ``<task>_class.txt`` in ``data.lists_dir``, images under ``data.image_root``."""
-    import csv
-
     if cfg.task == "combined":
         raise DataError("the ArtGAN protocol has separate lists per task; use data.task style, genre or artist")
     if not cfg.lists_dir or not cfg.image_root:
@@ -215,8 +238,7 @@ def _artgan(cfg: DataConfig) -> Source:
         if list_file is None:
             raise DataError(f"{lists / f'{stem}_clean.csv'} (or the published {stem}.csv) is missing from "
                             "data.lists_dir")
-        with open(list_file, newline="") as fh:
-            rows = [(r[0], int(r[1])) for r in csv.reader(fh) if r]
+        rows = _read_artgan_list(list_file, len(names))
         paths += [str(root / rel) for rel, _ in rows]
         labels += [names[label] for _, label in rows]
         splits[split] = np.arange(offset, offset + len(rows))

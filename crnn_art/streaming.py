@@ -270,10 +270,11 @@ class StreamedBatches:
         RNG must not be touched by the DataLoader's set-up, or a resumed run would drop out differently."""
         from torch.utils.data import DataLoader
 
-        from crnn_art.loaders import _ignore_stop_signals
+        from crnn_art.loaders import _ignore_stop_signals, loader_timeout
 
         self.dataset.set_epoch(epoch)
         loader = DataLoader(self.dataset, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
+                            timeout=loader_timeout(self.num_workers),
                             worker_init_fn=_ignore_stop_signals, pin_memory=torch.cuda.is_available(),
                             generator=torch.Generator().manual_seed(_mix_seed(self.dataset.seed, epoch)))
         samples = iter(loader)

@@ -44,7 +44,7 @@ from crnn_art.checkpoints import (
     save_checkpoint,
     save_model_folder,
 )
-from crnn_art.config import RunConfig, config_text
+from crnn_art.config import RunConfig, config_text, flat_config
 from crnn_art.evaluation import METRIC_KEYS, compute_metrics, predict, selection_score
 from crnn_art.loaders import STREAMED, DrawnBatches, PaintingDataset, eval_loader, split_dataset
 from crnn_art.mixing import BatchMixer, one_hot_targets, soft_target_loss
@@ -227,7 +227,7 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
         console.print(f"[yellow]note:[/] {opened.note}")
     labels = task_labels(source, cfg.heads, cfg.data)
     splits = make_splits(len(source), cfg.data, labels.known_rows(), opened.splits)
-    if is_main:
+    if is_main and resume_from is None:  # a resume writes nothing until its checkpoint has loaded
         atomic_write_text(out / "config.yaml", config_text(cfg), "the run's config")
         write_splits(splits, out / "split.json", cfg.data)
     size = cfg.data.image_size
@@ -294,11 +294,13 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from, state, scheduler, ema)
         console.print(f"resumed from {resume_from}: epoch {state.epoch}, {state.batch} batches done, step {state.step}")
+        if is_main:  # the same split (checked); the config may differ in the keys a resume may change
+            atomic_write_text(out / "config.yaml", config_text(cfg), "the run's config")
     if is_main:
         _keep_history_before(out, state.epoch)
     if accelerator.log_with:
         state.tracker_run_id = state.tracker_run_id or f"{out.name}-{int(time.time())}"
-        accelerator.init_trackers(t.project_name, config=_flat(cfg.to_dict()),
+        accelerator.init_trackers(t.project_name, config=_hparams(cfg),
                                   init_kwargs={"wandb": {"id": state.tracker_run_id, "resume": "allow"}})
 
     mixer = BatchMixer(cfg.augment)
@@ -494,8 +496,9 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
     if is_main:
         final = _write_final(out, metrics, cfg.heads)
         console.print(metrics_table(final, cfg.heads))
-        console.print(f"run saved in {out}/: best/, last/, metrics.json, history.jsonl, config.yaml, split.json, "
-                      f"{CHECKPOINTS}/")
+        saved = [n for n in ("best/", "last/", "last_ema/", "metrics.json", "history.jsonl", "config.yaml",
+                             "split.json", f"{CHECKPOINTS}/") if (out / n).exists()]
+        console.print(f"run saved in {out}/: {', '.join(saved)}")
     accelerator.wait_for_everyone()
     if is_main and cfg.hub.push_to_hub:
         from crnn_art.hub import push
@@ -506,15 +509,9 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
     return final
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``, lists as strings: what trackers accept as hparams."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value) if isinstance(value, list) or value is None else value
-    return flat
+def _hparams(cfg: RunConfig) -> dict[str, Any]:
+    """The config as trackers accept hyperparameters: dotted keys, lists and nulls as strings."""
+    return {k: str(v) if isinstance(v, list) or v is None else v for k, v in flat_config(cfg.to_dict()).items()}
 
 
 def _keep_history_before(out: Path, epoch: int) -> None:
@@ -540,10 +537,11 @@ def _write_final(out: Path, metrics: dict[str, Any], heads: tuple[str, ...]) -> 
 def _nonfinite_message(out: Path, bad_in_row: int, step: int) -> str:
     """Why the run stops, and what is left to resume from (only checkpoints with finite weights are ever written)."""
     done = complete_checkpoints(out / CHECKPOINTS)
-    left = (f"the last good checkpoint, {done[-1].name}, is intact: lower train.lr (or use train.mixed_precision=no), "
-            "then resume with --resume latest" if done else
-            "no checkpoint was written (the weights were never finite at a checkpoint): lower train.lr (or use "
-            "train.mixed_precision=no) and start again")
+    left = (f"the last good checkpoint, {done[-1].name}, is intact (resume it with --resume latest to retry, e.g. "
+            "after fixing the data); for a lower train.lr or train.mixed_precision=no start a new run in another "
+            "--output-dir" if done else
+            "no checkpoint was written (the weights were never finite at a checkpoint): start again with a lower "
+            "train.lr (or train.mixed_precision=no)")
     return f"{bad_in_row} consecutive steps had a non-finite loss or gradient (step {step}); {left}"
 
 

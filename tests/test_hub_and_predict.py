@@ -143,3 +143,75 @@ def test_altered_or_mismatched_weights_are_refused(tmp_path):
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="does not fit"):
         CRNNArtClassifier.from_pretrained(str(other))
+
+
+# ---- what a command was given, found and used: one line when it cannot be used ---------------------
+
+def _err(argv: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    code = cli_main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_checkpoint_arguments_that_are_not_models_are_one_line_naming_them(trained, tmp_path, capsys):
+    a_file = tmp_path / "weights.safetensors"
+    a_file.write_bytes(b"x")
+    step = next((trained / "checkpoints").iterdir())
+    outside = tmp_path / "copied_best"
+    shutil.copytree(trained / "best", outside)
+    cases = {
+        str(tmp_path / "nope"): "does not exist",
+        str(a_file): "is a file",
+        str(step): "is a training checkpoint (for train --resume), not a model",
+        str(tmp_path): "is neither a run folder",
+        str(outside): "is a model folder outside a run",
+    }
+    for given, problem in cases.items():
+        for command in (["evaluate", "--checkpoint", given], ["outliers", "--checkpoint", given]):
+            code, err = _err(command, capsys)
+            assert code == 2 and len(err.splitlines()) == 1, (command, err)
+            assert f"{given} {problem}" in err, (command, err)
+
+
+def test_a_run_without_best_says_that_it_uses_last(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("checkpoints", "best"))
+    code = cli_main(["evaluate", "--checkpoint", str(run), "--split", "validation"])
+    assert code == 0 and f"{run} has no best/" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_predict_with_nothing_to_read_is_an_error(trained, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = _err(["predict", "--model", str(trained), str(tmp_path / "empty")], capsys)
+    assert code == 2 and "no images found in" in err and len(err.splitlines()) == 1
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    code, err = _err(["predict", "--model", str(trained), str(tmp_path / "broken.jpg")], capsys)
+    assert code == 2 and "1 of 1 files could not be read" in err
+
+
+def test_a_mistyped_local_model_path_is_an_error_at_once(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(trained.parent)
+    image = tmp_path / "p.jpg"
+    painting(48).save(image)
+    for typo in (f"{trained.name}/bset", "./nowhere", f"{trained.name}/best/x/y", "~/nowhere/model"):
+        code, err = _err(["predict", "--model", typo, str(image)], capsys)
+        assert code == 2 and f"{typo} does not exist" in err, (typo, err)
+
+
+def test_predict_and_evaluate_feed_the_model_the_same_tensor(trained, tmp_path):
+    """One decode rule: a large JPEG (draft-decoded, then reduced) reaches the model identically in both paths."""
+    from crnn_art.loaders import load_sample
+    from crnn_art.predict import predict_images
+    from crnn_art.transforms import eval_resize, eval_transform
+
+    path = tmp_path / "large.jpg"
+    painting(48, seed=3).resize((2400, 1800)).save(path, quality=92)
+    model = load_model_folder(trained).eval()
+    sample = load_sample({"bytes": None, "path": str(path)}, torch.zeros(1, dtype=torch.long), 0,
+                         eval_transform(model.image_size), eval_resize(model.image_size), None)
+    with torch.no_grad():
+        expected = model(sample["image"][None]).logits["style"].softmax(dim=1)[0]
+    result = next(predict_images(model, [path], top_k=4))
+    got = {p["label"]: p["score"] for p in result["predictions"]["style"]}
+    for j, name in enumerate(model.class_names["style"]):
+        assert got[name] == pytest.approx(float(expected[j]), abs=1e-6)

@@ -75,6 +75,15 @@ def test_an_error_in_a_dataloader_worker_ends_every_process(tmp_path, demo_dir, 
 
 
 @pytest.mark.slow
+def test_a_worker_that_never_delivers_fails_the_run_instead_of_hanging(tmp_path, demo_dir):
+    start = time.time()
+    result = run_cli(args(tmp_path / "run", demo_dir, data__num_workers=2), check=False, env=fault_env("stall"),
+                     timeout=EXIT_WITHIN)
+    assert result.returncode == 1 and time.time() - start < EXIT_WITHIN
+    assert "DataLoader timed out after 5 seconds" in one_line(result.stderr)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_save_that_fails_in_torchs_own_words_is_one_line_and_keeps_the_first_checkpoint(tmp_path, demo_dir,
                                                                                           processes):
@@ -295,7 +304,9 @@ def test_an_exploding_learning_rate_never_checkpoints_non_finite_weights(tmp_pat
         assert record["train_loss"] is None or record["train_loss"] == record["train_loss"]  # null, never NaN/0
     if result.returncode == 3:  # the advice is honest: it names the newest (finite) checkpoint, or says there is none
         expected = f"the last good checkpoint, {done[-1].name}, is intact" if done else "no checkpoint was written"
-        assert expected in one_line(result.stderr)
+        line = one_line(result.stderr)
+        assert expected in line
+        assert ("start a new run" if done else "start again with a lower train.lr") in line
 
 
 def test_an_epoch_with_no_applied_step_records_no_loss(tmp_path, demo_dir):
@@ -340,13 +351,16 @@ def test_a_pickle_payload_in_a_checkpoint_never_executes(stopped, demo_dir, tmp_
     marker = tmp_path / "pwned"
     (checkpoint / target).write_bytes(pickle.dumps(Payload(marker)))
     rewrite_manifest(checkpoint)
+    before = snapshot(run)
     code, stderr = in_process(args(run, demo_dir, train__max_steps=4) + ["--resume", "latest"], capsys)
     assert not marker.exists(), "a checkpoint file executed code"
     assert code == 2
     assert f"checkpoint {checkpoint}" in one_line(stderr)
+    assert snapshot(run) == before  # config.yaml included: nothing is written until the checkpoint has loaded
 
 
-@pytest.mark.parametrize("damage", ["empty-manifest", "not-safetensors", "missing-rng"])
+@pytest.mark.parametrize("damage", ["empty-manifest", "not-safetensors", "missing-rng", "extra-rng", "extra-ema",
+                                    "run-folder"])
 def test_a_manifest_recomputed_over_a_broken_checkpoint_is_one_line(stopped, demo_dir, tmp_path, damage, capsys):
     run = copy_run(stopped, tmp_path / "run")
     checkpoint = complete_checkpoints(run / "checkpoints")[-1]
@@ -356,12 +370,20 @@ def test_a_manifest_recomputed_over_a_broken_checkpoint_is_one_line(stopped, dem
     elif damage == "not-safetensors":
         (checkpoint / "model.safetensors").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
         rewrite_manifest(checkpoint)
-    else:
+    elif damage == "missing-rng":
         (checkpoint / "random_states_0.pkl").unlink()
         rewrite_manifest(checkpoint)
-    code, stderr = in_process(args(run, demo_dir, train__max_steps=4) + ["--resume", "latest"], capsys)
+    elif damage in ("extra-rng", "extra-ema"):  # files crnn-art writes, but not for this run
+        name = "random_states_1.pkl" if damage == "extra-rng" else "ema.safetensors"
+        shutil.copy(checkpoint / ("random_states_0.pkl" if damage == "extra-rng" else "model.safetensors"),
+                    checkpoint / name)
+        rewrite_manifest(checkpoint)
+    before = snapshot(run)
+    resume = str(run) if damage == "run-folder" else "latest"
+    code, stderr = in_process(args(run, demo_dir, train__max_steps=4) + ["--resume", resume], capsys)
     assert code == 2
-    assert str(checkpoint) in one_line(stderr)
+    assert str(run if damage == "run-folder" else checkpoint) in one_line(stderr)
+    assert snapshot(run) == before
 
 
 def test_an_untouched_checkpoint_still_resumes(stopped, demo_dir, tmp_path):

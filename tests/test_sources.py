@@ -67,6 +67,36 @@ def test_artgan_published_list_names_read_like_the_cleaned_ones(tmp_path):
     assert len(opened.splits["train"]) == 12 and len(opened.splits["validation"]) == 6
 
 
+@pytest.mark.parametrize(("line", "problem"), [
+    ("Impressionism/a.jpg,-1", "has the label -1, outside 0..9"),
+    ("Impressionism/a.jpg,10", "has the label 10, outside 0..9"),
+    ("Impressionism/a.jpg,three", "has the label 'three', not an integer"),
+    ("Impressionism/a.jpg", "has no label"),
+    ("Impressionism/a.jpg,", "has no label"),
+])
+def test_artgan_list_errors_name_the_file_and_line(tmp_path, line, problem):
+    from crnn_art.sources import DataError
+
+    lists, images = artgan_layout(tmp_path, task="genre", train_rows=4, val_rows=2)
+    train_list = lists / "genre_train_clean.csv"
+    train_list.write_text("path,label\n" + train_list.read_text() + line + "\n")  # a header is allowed
+    cfg = resolve_config(None, None, ["data.source=artgan", f"data.lists_dir={lists}",
+                                      f"data.image_root={images}", "data.task=genre"])
+    with pytest.raises(DataError) as info:
+        open_source(cfg.data)
+    message = str(info.value)
+    assert message.startswith(f"{train_list}, line 6 {problem}") and message.endswith("; fix or remove that line")
+
+
+def test_artgan_list_with_a_header_line_reads(tmp_path):
+    lists, images = artgan_layout(tmp_path, task="genre", train_rows=4, val_rows=2)
+    val_list = lists / "genre_val_clean.csv"
+    val_list.write_text("path,label\n" + val_list.read_text())
+    cfg = resolve_config(None, None, ["data.source=artgan", f"data.lists_dir={lists}",
+                                      f"data.image_root={images}", "data.task=genre"])
+    assert len(open_source(cfg.data).splits["validation"]) == 2
+
+
 def test_artgan_23_artist_list_and_missing_root(tmp_path):
     cfg = resolve_config("artist", None, ["data.artist_list=artgan"])
     assert cfg.data.artist_list == "artgan"

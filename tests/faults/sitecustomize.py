@@ -26,6 +26,22 @@ if FAULT and (RANK is None or os.environ.get("RANK", "0") == RANK):
             return original(*args, **kwargs)
 
         loaders.load_sample = load_sample
+    elif FAULT == "stall":  # a worker stays alive but never delivers (as when its shared memory is full)
+        import time
+
+        import torch.utils.data
+
+        import crnn_art.loaders as loaders
+
+        original = loaders.load_sample
+        loaders.WORKER_TIMEOUT = 5
+
+        def load_sample(*args, **kwargs):
+            if torch.utils.data.get_worker_info() is not None:
+                time.sleep(3600)
+            return original(*args, **kwargs)
+
+        loaders.load_sample = load_sample
     elif FAULT == "save":  # the second checkpoint fails the way torch reports a full disk
         import accelerate
 
