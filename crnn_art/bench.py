@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from crnn_art.config import ConfigError
+
 TARGETS = {"crnn_vs_resnet50_step_time": 1.10, "pipeline_speedup_vs_seed": 4.0, "outlier_scoring_seconds": 5.0}
 
 
@@ -372,6 +374,11 @@ def crnn_train_flops(size: int) -> float:
 def run_bench(device: str = "cpu", size: int = 224, batch: int = 16, steps: int = 7, precision: str = "no",
               pipeline_images: int = 24, workers: int | None = None, channels_last: bool | None = None,
               quick: bool = False, peak_tflops: float | None = None, compile_trunk: bool = False) -> dict[str, Any]:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device {device!r} is not a device crnn-art benchmarks; use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no GPU is visible to PyTorch here (torch.cuda.is_available() is False); "
+                          "use --device cpu, or install a CUDA build of torch on a GPU machine")
     dev = torch.device(device)
     if quick:
         steps, pipeline_images = 2, 6

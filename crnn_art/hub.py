@@ -162,6 +162,20 @@ class HubError(RuntimeError):
     """The Hub could not be reached or refused the upload; the message names the repository and the fix."""
 
 
+def check_repo_id(repo_id: str) -> None:
+    """``USER/NAME`` or ``ORG/NAME`` as the Hub accepts it; checked before anything is staged or sent."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        if repo_id.count("/") != 1:
+            raise HFValidationError("it needs exactly one '/'")
+    except HFValidationError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise HubError(f"--repo-id {repo_id!r} is not a Hub repository id ({first}); use USER/NAME or ORG/NAME "
+                       "(letters, digits, '-', '_', '.')") from exc
+
+
 def push(checkpoint: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
          api: HfApi | None = None) -> str:
     """Create (or reuse) ``repo_id`` and upload the staged model; returns the commit URL.
@@ -169,6 +183,7 @@ def push(checkpoint: str | Path, repo_id: str, private: bool = False, revision: 
     Raises ``HubError`` (one line) when the Hub cannot be reached or refuses: offline, no or a wrong token,
     no write access. The run folder is only read.
     """
+    check_repo_id(repo_id)
     api = api or HfApi()
     with tempfile.TemporaryDirectory() as tmp:
         staged = stage_model(checkpoint, Path(tmp) / "model", repo_id)

@@ -109,6 +109,17 @@ def _build_trunk(backbone_weights: str | None) -> nn.Sequential:
     return nn.Sequential(*[getattr(net, name) for name in TRUNK_MODULES])
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""What wrappers put before a ResNet's own keys: DDP and ``AveragedModel`` (EMA) ``module.``,
+``torch.compile`` ``_orig_mod.``, in any combination."""
+
+
+def _backbone_key(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.removeprefix("module.").removeprefix("_orig_mod.")
+    return key
+
+
 def _load_local_backbone(net: nn.Module, path: str) -> None:
     """Load a ResNet-50 state dict from a local file without unpickling arbitrary objects."""
     if not os.path.isfile(path):
@@ -124,10 +135,15 @@ def _load_local_backbone(net: nn.Module, path: str) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot read backbone weights {path!r}: {exc}") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelLoadError(f"cannot read backbone weights {path!r} as tensors ({first}); give a ResNet-50 state "
+                             "dict saved with torch.save(model.state_dict()) or safetensors") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path!r} holds a {type(state).__name__}, not a state dict; save model.state_dict()")
+    state = {_backbone_key(k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.") and k != "n_averaged"}
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:

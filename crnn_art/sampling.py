@@ -31,10 +31,12 @@ def balanced_weights(labels: np.ndarray) -> np.ndarray:
 
 def local_batch_size(global_batch: int, world_size: int, accum: int) -> int:
     """Each process's share of a global batch; it must split into ``accum`` equal micro-batches."""
-    if global_batch % (world_size * accum):
+    micro = global_batch // (world_size * accum)
+    if global_batch % (world_size * accum) or micro < 2 or micro % 2:
         raise ValueError(
-            f"train.batch_size={global_batch} is not divisible by {world_size} process(es) x "
-            f"{accum} accumulation step(s); use a multiple of {world_size * accum}"
+            f"train.batch_size={global_batch} does not split into even micro-batches of at least 2 images over "
+            f"{world_size} process(es) x {accum} accumulation step(s) (MixUp/CutMix pair images; BatchNorm needs 2); "
+            f"use a multiple of {2 * world_size * accum}"
         )
     return global_batch // world_size
 

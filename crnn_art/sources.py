@@ -168,14 +168,19 @@ def _image_folder(root: Path, cfg: DataConfig) -> Source:
     label_column = cfg.folder_label or ("style" if cfg.task == "combined" else cfg.task)
     split_dirs = [d for d in ("train", "validation", "val", "test") if (root / d).is_dir()]
     bases = [(root / d, {"val": "validation"}.get(d, d)) for d in split_dirs] or [(root, None)]
-    paths, labels, split_of = [], [], []
+    paths, labels, split_of, unreadable = [], [], [], []
     for base, split in bases:
         for label_dir in sorted(p for p in base.iterdir() if p.is_dir()):
             for file in sorted(label_dir.rglob("*")):
                 if file.suffix.lower() in IMAGE_EXTENSIONS and file.is_file():
+                    if not _utf8(str(file)):  # Arrow keeps text as UTF-8: such a name cannot be stored
+                        unreadable.append(file)
+                        continue
                     paths.append(str(file))
                     labels.append(label_dir.name)
                     split_of.append(split)
+    note = (f"{len(unreadable)} image file(s) skipped: their names are not valid UTF-8 (rename them to use them), "
+            f"e.g. {str(unreadable[0]).encode('utf-8', 'backslashreplace').decode()}" if unreadable else "")
     if not paths:
         raise DataError(
             f"data.source {str(root)!r} holds no images in <label>/<file> folders (nor a dataset); "
@@ -183,9 +188,17 @@ def _image_folder(root: Path, cfg: DataConfig) -> Source:
         )
     ds = _dataset_from_files(paths, labels, label_column, cfg)
     if not split_dirs:
-        return Source(ds)
+        return Source(ds, None, note)
     split_arr = np.array(split_of)
-    return Source(ds, {name: np.flatnonzero(split_arr == name) for name in SPLITS})
+    return Source(ds, {name: np.flatnonzero(split_arr == name) for name in SPLITS}, note)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _first_file(folder: Path, names: list[str]) -> Path | None:

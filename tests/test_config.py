@@ -69,3 +69,19 @@ def test_numbers_as_users_write_them(key, written, value):
 def test_a_non_integer_for_an_integer_key_is_one_clear_error(written):
     with pytest.raises(ConfigError, match="train.epochs must be an integer"):
         resolve_config(None, None, [f"train.epochs={written}"])
+
+
+@pytest.mark.parametrize(("batch", "world", "accum"), [(2, 2, 1), (6, 2, 1), (4, 2, 2), (4, 4, 1), (9, 3, 1)])
+def test_every_micro_batch_holds_an_even_number_of_at_least_two_images(batch, world, accum):
+    from crnn_art.sampling import local_batch_size
+
+    with pytest.raises(ValueError, match=f"use a multiple of {2 * world * accum}"):
+        local_batch_size(batch, world, accum)
+
+
+def test_bench_on_a_missing_gpu_is_one_line(capsys):
+    from crnn_art.cli import main
+
+    assert main(["bench", "--device", "cuda", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no GPU is visible" in err

@@ -215,3 +215,26 @@ def test_predict_and_evaluate_feed_the_model_the_same_tensor(trained, tmp_path):
     got = {p["label"]: p["score"] for p in result["predictions"]["style"]}
     for j, name in enumerate(model.class_names["style"]):
         assert got[name] == pytest.approx(float(expected[j]), abs=1e-6)
+
+
+@pytest.mark.parametrize("repo_id", ["no-slash", "a/b/c", "bad id/name", "user/na me", "user/--double"])
+def test_a_malformed_repo_id_is_refused_before_any_network_call(trained, tmp_path, monkeypatch, capsys, repo_id):
+    hub = StandInHub(tmp_path / "hub")
+    monkeypatch.setattr("crnn_art.hub.HfApi", lambda: hub)
+    code, err = _err(["push", "--checkpoint", str(trained), "--repo-id", repo_id], capsys)
+    assert code == 2 and "is not a Hub repository id" in err and len(err.splitlines()) == 1
+    assert hub.calls == []
+
+
+def test_image_file_names_that_are_not_utf8_are_skipped_and_counted(tmp_path):
+    import os
+
+    from crnn_art.config import resolve_config
+    from crnn_art.sources import open_source
+    from tests.standins.layouts import image_folder
+
+    root = image_folder(tmp_path / "folder", split_dirs=False)
+    latin1 = os.fsencode(str(root / "Cubism")) + b"/caf\xe9-latin1.jpg"
+    painting(48).save(os.fsdecode(latin1), format="JPEG")
+    opened = open_source(resolve_config(None, None, [f"data.source={root}"]).data)
+    assert len(opened.dataset) == 36 and "1 image file(s) skipped: their names are not valid UTF-8" in opened.note

@@ -86,7 +86,7 @@ def test_damaged_weights_give_a_clear_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match="damaged"):
         load_model_folder(folder)
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match="nowhere does not exist; pass a run folder"):
         load_model_folder(tmp_path / "nowhere")
 
 
@@ -115,3 +115,26 @@ def test_imagenet_weights_unavailable_give_one_line_advice(monkeypatch):
         CRNNArtClassifier(heads={"style": 2}, backbone_weights="imagenet")
     message = str(err.value)
     assert "\n" not in message and "local" in message and "null" in message
+
+
+@pytest.mark.parametrize("wrap", ["compiled", "ema", "ddp+compiled"])
+def test_backbone_weights_saved_through_a_wrapper_load(tmp_path, wrap):
+    """torch.compile (`_orig_mod.`), AveragedModel/EMA (`module.` plus `n_averaged`) and DDP prefixes are read."""
+    torch.manual_seed(4)
+    reference = resnet50()
+    prefix = {"compiled": "_orig_mod.", "ema": "module.", "ddp+compiled": "module._orig_mod."}[wrap]
+    state = {prefix + k: v for k, v in reference.state_dict().items()}
+    if wrap == "ema":
+        state["n_averaged"] = torch.tensor(12)
+    path = tmp_path / "backbone.pth"
+    torch.save(state, path)
+    model = CRNNArtClassifier(heads={"style": 2}, backbone_weights=str(path))
+    torch.testing.assert_close(model.trunk[0].weight, reference.conv1.weight)
+
+
+def test_a_pickled_backbone_file_is_one_line(tmp_path):
+    path = tmp_path / "whole_model.pth"
+    torch.save(resnet50(), path)  # the module object, not its state dict: needs unpickling code
+    with pytest.raises(ModelLoadError) as info:
+        CRNNArtClassifier(heads={"style": 2}, backbone_weights=str(path))
+    assert "\n" not in str(info.value) and "state_dict" in str(info.value)
