@@ -19,6 +19,7 @@ from accelerate.utils import load
 from safetensors.torch import load_file, save_file
 
 from crnn_art.config import RunConfig, check_resume_config, load_run_config
+from crnn_art.errors import first_line
 from crnn_art.model import WEIGHTS_NAME, CRNNArtClassifier, ModelLoadError
 from crnn_art.runs import writing
 
@@ -317,7 +318,7 @@ def load_checkpoint(accelerator, path: Path, state: TrainState, scheduler, ema=N
         if ema is not None:
             ema.load_state_dict(load_file(str(path / EMA_FILE), device=str(accelerator.device)))
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc)
         raise CheckpointError(
             f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {first}): it does not fit this run or holds "
             "something other than saved tensors; resume from an older checkpoint with --resume PATH"

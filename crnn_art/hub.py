@@ -19,6 +19,7 @@ from huggingface_hub.repocard_data import EvalResult
 
 from crnn_art.checkpoints import read_history
 from crnn_art.config import load_run_config
+from crnn_art.errors import first_line
 from crnn_art.evaluation import METRIC_KEYS
 
 LIMITS = """\
@@ -171,7 +172,7 @@ def check_repo_id(repo_id: str) -> None:
         if repo_id.count("/") != 1:
             raise HFValidationError("it needs exactly one '/'")
     except HFValidationError as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        first = first_line(exc, 160)
         raise HubError(f"--repo-id {repo_id!r} is not a Hub repository id ({first}); use USER/NAME or ORG/NAME "
                        "(letters, digits, '-', '_', '.')") from exc
 
@@ -194,7 +195,7 @@ def push(checkpoint: str | Path, repo_id: str, private: bool = False, revision: 
             commit = api.upload_folder(repo_id=repo_id, folder_path=str(staged), revision=revision,
                                        commit_message=f"crnn-art: upload {Path(checkpoint).name}")
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            first = first_line(exc)
             raise HubError(
                 f"could not push to the Hub repository {repo_id} ({type(exc).__name__}: {first}); check the network "
                 "and your token (HF_TOKEN or `hf auth login`, with write access), then run "

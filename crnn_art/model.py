@@ -18,6 +18,8 @@ from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 
+from crnn_art.errors import first_line
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STEM_MODULES = ("conv1", "bn1")
@@ -135,7 +137,7 @@ def _load_local_backbone(net: nn.Module, path: str) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, empty=type(exc).__name__)
         raise ModelLoadError(f"cannot read backbone weights {path!r} as tensors ({first}); give a ResNet-50 state "
                              "dict saved with torch.save(model.state_dict()) or safetensors") from exc
     if isinstance(state, dict) and "state_dict" in state:

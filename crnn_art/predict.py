@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from crnn_art.errors import first_line
 from crnn_art.sources import IMAGE_EXTENSIONS
 
 
@@ -54,7 +55,7 @@ def _from_hub(repo_id: str):
     except ModelLoadError:
         raise
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc)
         raise ModelLoadError(
             f"--model {repo_id} is not a local folder and could not be loaded from the Hub ({type(exc).__name__}: "
             f"{first}); give a run folder or a best/ folder, or a Hub id USER/NAME with the network reachable "

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from crnn_art.errors import first_line
+
 LOCK = ".crnn-art.lock"
 HOLDER = ".crnn-art.holder.json"
 
@@ -38,7 +40,7 @@ def free_gib(path: Path) -> float:
 
 def write_error(target: Path, what: str, exc: BaseException) -> RunFolderError:
     """The one line for a failed write: what, where, the library's first words, the free space, the fix."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    first = first_line(exc, 160, empty=type(exc).__name__)
     return RunFolderError(
         f"could not write {what} {target} ({type(exc).__name__}: {first}); {free_gib(target):.2f} GiB free there: "
         "free space (or lower train.keep_last) and check the folder is writable, then run the command again "
