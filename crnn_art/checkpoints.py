@@ -157,7 +157,22 @@ class TrainState:
         self.best_step: int | None = None
         self.nonfinite_steps = 0
         self.scaler_skips = 0
+        self.data_skipped_steps = 0
         self.tracker_run_id: str | None = None
+        # the epoch in progress, so that a resumed epoch's history line equals the uninterrupted one's
+        self.epoch_loss_sum = 0.0
+        """Sum over applied steps of the step's loss averaged over processes."""
+        self.epoch_applied_steps = 0
+        self.epoch_skipped_images = 0
+        """Training images of this epoch that failed to decode, all processes."""
+        self.epoch_seconds = 0.0
+
+    def start_epoch(self, epoch: int) -> None:
+        """Enter ``epoch``; its running sums restart unless it is the epoch a checkpoint stopped in."""
+        if epoch != self.epoch or self.batch == 0:
+            self.epoch, self.batch = epoch, 0
+            self.epoch_loss_sum, self.epoch_applied_steps, self.epoch_skipped_images = 0.0, 0, 0
+            self.epoch_seconds = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))

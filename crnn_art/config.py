@@ -60,6 +60,9 @@ class DataConfig:
     image_root: str | None = None
     """data.source=artgan: the root the lists' relative image paths start from."""
     num_workers: int = 4
+    max_bad_fraction: float = 0.1
+    """Stop the run when more than this share of the training images drawn fail to decode (each failure is
+    skipped, counted and listed in ``RUN/bad_images.tsv``); 0 stops at the first, 1 never stops."""
     log_rows: bool = False
     """Write the row ids each process trained on, per epoch, to ``<run>/rows/`` (to audit what was seen)."""
     demo_dir: str = "data/demo"
@@ -339,6 +342,8 @@ def validate(cfg: RunConfig) -> None:
     need(d.shuffle_buffer >= 1, "data.shuffle_buffer", "use an integer >= 1 (rows held to shuffle a stream)",
          d.shuffle_buffer)
     need(d.num_workers >= 0, "data.num_workers", "use 0 (load in the main process) or more", d.num_workers)
+    need(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "use a share between 0 and 1, e.g. 0.1",
+         d.max_bad_fraction)
     need(d.demo_size >= 40, "data.demo_size", "generate at least 40 rows", d.demo_size)
     need(d.demo_image_side >= 32, "data.demo_image_side", "use at least 32 pixels", d.demo_image_side)
     need(2 <= d.demo_styles <= 27, "data.demo_styles", "use 2 to 27 styles", d.demo_styles)
@@ -410,7 +415,8 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 
 RESUME_SAFE_KEYS = frozenset({
-    "data.num_workers", "data.log_rows", "model.compile_trunk", "train.max_steps", "train.eval_batch_size",
+    "data.num_workers", "data.max_bad_fraction", "data.log_rows", "model.compile_trunk", "train.max_steps",
+    "train.eval_batch_size",
     "train.fused_adamw", "train.checkpoint_every_steps", "train.keep_last", "train.max_bad_steps",
     "train.log_every", "train.log_with", "train.project_name", "hub.push_to_hub", "hub.private", "hub.revision",
 })

@@ -159,6 +159,30 @@ def stage_model(checkpoint: str | Path, target: Path, repo_id: str | None = None
     return target
 
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub endpoint (``HF_ENDPOINT``) cannot be reached within ``timeout`` seconds, or None.
+
+    huggingface_hub retries a failed connection five times with back-off (about 25 s) before it gives
+    up; one TCP connection tells at once. None also when offline mode is on (the cache alone is read)
+    or a proxy is set (only huggingface_hub knows how to go through it)."""
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                                                                       "all_proxy")):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}:{port} cannot be reached: {exc.strerror or exc}"
+
+
 class HubError(RuntimeError):
     """The Hub could not be reached or refused the upload; the message names the repository and the fix."""
 

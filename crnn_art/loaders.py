@@ -1,8 +1,9 @@
 """From split rows to batches: image decoding, the per-sample dataset, and the two DataLoaders.
 
 A training batch is ``{"image": (b, 3, S, S) float, "labels": (b, heads) int64 (-1 = unknown),
-"row": (b,) int64}``; ``row`` is the row id in the source, carried so that evaluation can check
-that every sample was counted once and outlier reports can name the painting.
+"row": (b,) int64, "skipped": () int64, "failed": [(row, path, reason)]}``; ``row`` is the row id
+in the source, carried so that evaluation can check that every sample was counted once and outlier
+reports can name the painting; ``failed`` names the files of the batch that could not be decoded.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def load_sample(cell: dict[str, Any], labels: torch.Tensor, row: int, transform,
     ``seed`` if given; an undecodable file gives ``skipped=True``, no image and every label -1."""
     try:
         image = decode_image(cell, min_side)
-    except DecodeError:
-        return {"image": None, "labels": torch.full_like(labels, -1), "row": row, "skipped": True}
+    except DecodeError as exc:
+        return {"image": None, "labels": torch.full_like(labels, -1), "row": row, "skipped": True,
+                "failed": (row, str(cell.get("path") or ""), str(exc))}
     if seed is None:
         tensor = transform(image)
     else:
@@ -71,7 +73,8 @@ def load_sample(cell: dict[str, Any], labels: torch.Tensor, row: int, transform,
 
 
 def collate(samples: list[dict[str, Any]], keep_skipped: bool) -> dict[str, Any]:
-    """Stack samples; ``skipped`` counts undecodable ones (dropped, or kept as unlabelled blanks)."""
+    """Stack samples; ``skipped`` counts undecodable ones (dropped, or kept as unlabelled blanks) and
+    ``failed`` lists them."""
     good = [s for s in samples if not s["skipped"]]
     like = good[0]["image"] if good else None
     kept = samples if keep_skipped else good
@@ -88,6 +91,7 @@ def collate(samples: list[dict[str, Any]], keep_skipped: bool) -> dict[str, Any]
         "labels": torch.stack([s["labels"] for s in kept]) if kept else torch.zeros(0, 1, dtype=torch.int64),
         "row": torch.tensor([s["row"] for s in kept], dtype=torch.int64),
         "skipped": torch.tensor(len(samples) - len(good)),
+        "failed": [s["failed"] for s in samples if s["skipped"]],
     }
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from crnn_art.errors import first_line
+from crnn_art.hub import hub_unreachable
 from crnn_art.sources import IMAGE_EXTENSIONS
 
 
@@ -46,20 +47,21 @@ def _is_local(model: str | Path) -> bool:
 
 
 def _from_hub(repo_id: str):
-    """``from_pretrained`` from the Hub (or its cache); a Hub that cannot be reached or a repository that
-    does not exist is one ``ModelLoadError`` line."""
+    """``from_pretrained`` from the Hub, or from the local cache at once when the Hub cannot be reached; a
+    repository that cannot be had either way is one ``ModelLoadError`` line."""
     from crnn_art.model import CRNNArtClassifier, ModelLoadError
 
+    unreachable = hub_unreachable()
     try:
-        return CRNNArtClassifier.from_pretrained(repo_id)
+        return CRNNArtClassifier.from_pretrained(repo_id, local_files_only=unreachable is not None)
     except ModelLoadError:
         raise
     except Exception as exc:
-        first = first_line(exc)
+        where = (f"the Hub cannot be reached ({unreachable}) and it is not in the local cache" if unreachable
+                 else f"it could not be loaded from the Hub ({type(exc).__name__}: {first_line(exc)})")
         raise ModelLoadError(
-            f"--model {repo_id} is not a local folder and could not be loaded from the Hub ({type(exc).__name__}: "
-            f"{first}); give a run folder or a best/ folder, or a Hub id USER/NAME with the network reachable "
-            "(or cached, with HF_HUB_OFFLINE=1)"
+            f"--model {repo_id} is not a local folder and {where}; give a run folder or a best/ folder, or a Hub id "
+            "USER/NAME with the network reachable (or already downloaded once)"
         ) from exc
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -32,6 +32,7 @@ from rich.progress import (
 from rich.table import Table
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from crnn_art.bad_images import BadImages
 from crnn_art.checkpoints import (
     CHECKPOINTS,
     HISTORY,
@@ -329,91 +330,101 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
     metrics: dict[str, Any] = {}
     bad_in_row = 0
     stop_reason = None
+    bad = BadImages(out, cfg.data.max_bad_fraction, is_main)
     with StopRequests() as stops, make_progress(console, is_main) as progress:
         for epoch in range(state.epoch, t.epochs + 1):
             frozen = not stem_trainable(cfg, epoch)
             steps_per_epoch = train_batches.steps(epoch)
-            state.epoch, state.batch = epoch, state.batch if epoch == state.epoch else 0
+            state.start_epoch(epoch)
             model.train()
             if frozen:
                 hold_frozen_stem(raw_model)
             task = progress.add_task(f"epoch {epoch}/{t.epochs}", total=steps_per_epoch, completed=state.batch,
                                      status="")
-            loss_sum = torch.zeros((), device=accelerator.device)
-            seen, skipped, t0 = 0, 0, time.perf_counter()
+            t0, seconds_before = time.perf_counter(), state.epoch_seconds
             batches = train_batches.epoch(epoch, state.batch)
             rows_seen = []
             while state.batch < steps_per_epoch:
                 # one optimizer step = grad_accum_steps micro-batches on every process
                 torch.manual_seed(_step_seed(t.seed, state.step, rank))
-                step_loss = torch.zeros((), device=accelerator.device)
-                finite = True
-                for micro in range(t.grad_accum_steps):
-                    batch = next(batches)
-                    skipped += int(batch["skipped"])
-                    if cfg.data.log_rows:
-                        rows_seen.append(batch["row"])
-                    if len(batch["row"]) == 0:
-                        raise DataError(
-                            f"all {local_batch // t.grad_accum_steps} images of a batch failed to decode "
-                            f"(step {state.step}); check that the source's image files are readable"
-                        )
-                    images = batch["image"].to(accelerator.device, non_blocking=True)
-                    if device_augment is not None:  # uint8 crops -> jitter, normalise, erase here
-                        images = device_augment(images, _mix_seed(t.seed, 0xA06, state.step, micro, rank))
-                    targets = one_hot_targets(batch["labels"], list(head_sizes.values())).to(accelerator.device)
-                    images, targets, _ = mixer(images, targets, _mix_seed(t.seed, state.step, micro, rank))
-                    last_micro = micro == t.grad_accum_steps - 1
-                    with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                        with accelerator.autocast():
-                            output = model(images)
-                            loss, _ = soft_target_loss(output.logits, targets, head_sizes, t.label_smoothing,
-                                                       class_weights)
-                        finite = finite and bool(torch.isfinite(loss))
-                        accelerator.backward(loss / t.grad_accum_steps)
-                    step_loss += loss.detach() / t.grad_accum_steps
-                if frozen:
-                    for p in raw_model.stem_parameters():
-                        p.grad = None
-                # the gradient norm (clipped when train.grad_clip > 0) is the same on every process after DDP's
-                # all-reduce; a non-finite one would write inf/NaN weights. fp16 leaves that to its loss scaler.
-                norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-                if accelerator.mixed_precision != "fp16":
-                    finite = finite and bool(torch.isfinite(norm))
-                # every process learns whether any process saw a non-finite loss or gradient, or a stop request
-                flags = accelerator.reduce(torch.tensor([float(not finite), float(stops.requested == signal.SIGTERM),
-                                                         float(stops.requested == signal.SIGINT)],
-                                                        device=accelerator.device), reduction="sum")
-                if flags[0] > 0:
-                    optimizer.zero_grad(set_to_none=True)
-                    bad_in_row += 1
-                    state.nonfinite_steps += 1
-                    if bad_in_row >= t.max_bad_steps:
-                        raise NonFiniteLoss(_nonfinite_message(out, bad_in_row, state.step))
+                micro_batches = [next(batches) for _ in range(t.grad_accum_steps)]
+                if cfg.data.log_rows:
+                    rows_seen += [b["row"] for b in micro_batches]
+                # before any forward, every process learns whether a micro-batch anywhere kept fewer than 2
+                # decodable images (then all skip the step), how many images failed, and any stop request
+                agreed = accelerator.reduce(torch.tensor(
+                    [*bad.collect(micro_batches), float(stops.requested == signal.SIGTERM),
+                     float(stops.requested == signal.SIGINT)], device=accelerator.device), reduction="sum").tolist()
+                bad.count(int(agreed[1]), int(agreed[2]))
+                state.epoch_skipped_images += int(agreed[1])
+                step_loss = None
+                if agreed[0] > 0:
+                    state.data_skipped_steps += 1
                 else:
-                    bad_in_row = 0
-                    optimizer.step()
-                    if accelerator.optimizer_step_was_skipped:
-                        state.scaler_skips += 1  # fp16 loss scaling found inf gradients and lowered the scale
+                    local_loss = torch.zeros((), device=accelerator.device)
+                    finite = True
+                    for micro, batch in enumerate(micro_batches):
+                        images = batch["image"].to(accelerator.device, non_blocking=True)
+                        if device_augment is not None:  # uint8 crops -> jitter, normalise, erase here
+                            images = device_augment(images, _mix_seed(t.seed, 0xA06, state.step, micro, rank))
+                        targets = one_hot_targets(batch["labels"], list(head_sizes.values())).to(accelerator.device)
+                        images, targets, _ = mixer(images, targets, _mix_seed(t.seed, state.step, micro, rank))
+                        last_micro = micro == t.grad_accum_steps - 1
+                        with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
+                            with accelerator.autocast():
+                                output = model(images)
+                                loss, _ = soft_target_loss(output.logits, targets, head_sizes, t.label_smoothing,
+                                                           class_weights)
+                            finite = finite and bool(torch.isfinite(loss))
+                            accelerator.backward(loss / t.grad_accum_steps)
+                        local_loss += loss.detach().float() / t.grad_accum_steps
+                    if frozen:
+                        for p in raw_model.stem_parameters():
+                            p.grad = None
+                    # the gradient norm (clipped when train.grad_clip > 0) is the same on every process after
+                    # DDP's all-reduce; a non-finite one would write inf/NaN weights. fp16 leaves that to its scaler.
+                    norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                       t.grad_clip if t.grad_clip > 0 else math.inf)
+                    if accelerator.mixed_precision != "fp16":
+                        finite = finite and bool(torch.isfinite(norm))
+                    # every process learns whether any process saw a non-finite loss or gradient, and the
+                    # step's loss averaged over processes
+                    after = accelerator.reduce(torch.stack([torch.tensor(float(not finite), device=accelerator.device),
+                                                            local_loss]), reduction="sum").tolist()
+                    if after[0] > 0:
+                        optimizer.zero_grad(set_to_none=True)
+                        bad_in_row += 1
+                        state.nonfinite_steps += 1
+                        if bad_in_row >= t.max_bad_steps:
+                            raise NonFiniteLoss(_nonfinite_message(out, bad_in_row, state.step))
                     else:
-                        scheduler.step()
-                        if ema is not None:
-                            ema.update_parameters(raw_model)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_sum += step_loss
-                    seen += 1
+                        bad_in_row = 0
+                        optimizer.step()
+                        if accelerator.optimizer_step_was_skipped:
+                            state.scaler_skips += 1  # fp16 loss scaling found inf gradients and lowered the scale
+                        else:
+                            scheduler.step()
+                            if ema is not None:
+                                ema.update_parameters(raw_model)
+                        optimizer.zero_grad(set_to_none=True)
+                        step_loss = after[1] / world
+                        state.epoch_loss_sum += step_loss
+                        state.epoch_applied_steps += 1
                 state.step += 1
                 state.batch += 1
+                state.epoch_seconds = seconds_before + time.perf_counter() - t0
                 progress.advance(task)
-                if state.step % t.log_every == 0 or seen == 1:
+                if step_loss is not None and (state.step % t.log_every == 0 or state.epoch_applied_steps == 1):
                     lr = scheduler.get_last_lr()
-                    progress.update(task, status=f"loss {step_loss.item():.3f} lr {lr[1]:.2e}")
-                    accelerator.log({"train/loss": step_loss.item(), "train/lr": lr[1], "train/backbone_lr": lr[0],
-                                     "train/images_per_s": seen * t.batch_size / max(time.perf_counter() - t0, 1e-9)},
-                                    step=state.step)
-                if flags[1] + flags[2] > 0:  # every process stops here, with the signal one of them received
-                    stops.signal = stops.signal or (signal.SIGINT if flags[2] > 0 else signal.SIGTERM)
+                    progress.update(task, status=f"loss {step_loss:.3f} lr {lr[1]:.2e}")
+                    accelerator.log({"train/loss": step_loss, "train/lr": lr[1], "train/backbone_lr": lr[0],
+                                     "train/images_per_s": _images_per_s(state, t.batch_size)}, step=state.step)
+                if agreed[3] + agreed[4] > 0:  # every process stops here, with the signal one of them received
+                    stops.signal = stops.signal or (signal.SIGINT if agreed[4] > 0 else signal.SIGTERM)
                     stop_reason = "signal"
+                    break
+                if bad.too_many(epoch_end=False):
+                    stop_reason = "bad_images"
                     break
                 if t.max_steps is not None and state.step >= t.max_steps:
                     stop_reason = "max_steps"
@@ -421,22 +432,25 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
                 if t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0 \
                         and state.batch < steps_per_epoch:
                     _checkpoint(accelerator, out, state, t.keep_last, scheduler, ema, model, console)
-            elapsed = time.perf_counter() - t0
             progress.remove_task(task)
             del batches
             if cfg.data.log_rows and rows_seen:
                 (out / "rows").mkdir(parents=True, exist_ok=True)
                 np.save(out / "rows" / f"epoch{epoch:03d}-from{state.step:08d}-rank{rank}.npy",
                         torch.cat(rows_seen).numpy())
+            bad.flush(gather_object)
             epoch_done = state.batch >= steps_per_epoch
-            if stop_reason == "signal" or (stop_reason == "max_steps" and not epoch_done):
+            if stop_reason is None and epoch_done and bad.too_many(epoch_end=True):
+                stop_reason = "bad_images"
+            if stop_reason in ("signal", "bad_images") or (stop_reason == "max_steps" and not epoch_done):
                 # before evaluating: resume starts here
                 _checkpoint(accelerator, out, state, t.keep_last, scheduler, ema, model, console)
             if stop_reason == "signal":
                 break
-            # `seen` (applied steps) is the same on every process: the skip decision is agreed
-            train_loss = float(accelerator.reduce(loss_sum / seen, reduction="mean")) if seen else None
-            skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), reduction="sum"))
+            if stop_reason == "bad_images":
+                raise DataError(bad.stop_message(f"continue with the same command plus --resume latest "
+                                                 f"--output-dir {out}"))
+            train_loss = state.epoch_loss_sum / state.epoch_applied_steps if state.epoch_applied_steps else None
 
             metrics = compute_metrics(predict(model, val_loader, accelerator, cfg.heads, progress), cfg.heads)
             metrics.update(epoch=epoch, step=state.step)
@@ -451,8 +465,9 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
             lr = scheduler.get_last_lr()
             record = {
                 "epoch": epoch, "step": state.step, "train_loss": train_loss, "lr": lr[1], "backbone_lr": lr[0],
-                "images_per_s": seen * t.batch_size / max(elapsed, 1e-9), "epoch_seconds": elapsed,
-                "stem_frozen": frozen, "processes": world, "hardware": hardware, "skipped_train": skipped,
+                "images_per_s": _images_per_s(state, t.batch_size), "epoch_seconds": state.epoch_seconds,
+                "stem_frozen": frozen, "processes": world, "hardware": hardware,
+                "skipped_train": state.epoch_skipped_images, "data_skipped_steps": state.data_skipped_steps,
                 "nonfinite_steps": state.nonfinite_steps, "scaler_skips": state.scaler_skips,
                 "partial": not epoch_done,
                 "val": {k: v for k, v in metrics.items() if k not in ("epoch", "step")},
@@ -474,7 +489,7 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
                 if ema is not None and _all_finite(ema.module):
                     save_model_folder(ema.module, out / "last_ema", {**info, "metrics": ema_metrics, "ema": True})
             if epoch_done:
-                state.epoch, state.batch = epoch + 1, 0
+                state.start_epoch(epoch + 1)
                 if improved:
                     state.best_step = state.step
                 _checkpoint(accelerator, out, state, t.keep_last, scheduler, ema, model, console)
@@ -507,6 +522,11 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
         console.print(f"pushed to the Hub: {url}")
     accelerator.end_training()
     return final
+
+
+def _images_per_s(state: TrainState, batch_size: int) -> float:
+    """Training throughput of the epoch so far: images of the applied steps per second of training."""
+    return state.epoch_applied_steps * batch_size / max(state.epoch_seconds, 1e-9)
 
 
 def _hparams(cfg: RunConfig) -> dict[str, Any]:
@@ -578,7 +598,7 @@ def _summary_line(epoch: int, epochs: int, record: dict, metrics: dict, improved
     return (
         f"epoch {epoch}/{epochs} | "
         + (f"train loss {record['train_loss']:.3f}" if record["train_loss"] is not None
-           else "train loss n/a (no step applied: every step was skipped as non-finite)")
+           else "train loss n/a (no step applied: every step was skipped, non-finite or undecodable)")
         + f" | val loss {metrics['loss']:.3f} "
         f"top1 {metrics['top1']:.1f} top5 {metrics['top5']:.1f} macroF1 {metrics['macro_f1']:.1f} "
         f"weightedF1 {metrics['weighted_f1']:.1f}"

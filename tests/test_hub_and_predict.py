@@ -238,3 +238,46 @@ def test_image_file_names_that_are_not_utf8_are_skipped_and_counted(tmp_path):
     painting(48).save(os.fsdecode(latin1), format="JPEG")
     opened = open_source(resolve_config(None, None, [f"data.source={root}"]).data)
     assert len(opened.dataset) == 36 and "1 image file(s) skipped: their names are not valid UTF-8" in opened.note
+
+
+@pytest.fixture
+def hub_down(tmp_path, monkeypatch):
+    """The Hub endpoint is a closed local port; huggingface_hub's retry back-off fails the test if it ever runs."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    from tests.conftest import _free_port
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+    def no_retries(seconds):
+        raise AssertionError(f"huggingface_hub retried a request (back-off {seconds} s)")
+
+    monkeypatch.setattr(_http.time, "sleep", no_retries)
+    return tmp_path / "hub-cache"
+
+
+def test_a_hub_model_with_the_hub_unreachable_is_one_line_at_once(hub_down, tmp_path, capsys):
+    image = tmp_path / "p.jpg"
+    painting(48).save(image)
+    code, err = _err(["predict", "--model", "someone/some-model", str(image)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "the Hub cannot be reached" in err and "127.0.0.1" in err and "not in the local cache" in err
+
+
+def test_a_hub_model_downloaded_before_is_used_from_the_cache_when_the_hub_is_unreachable(trained, hub_down,
+                                                                                         tmp_path, capsys):
+    snapshot = hub_down / "models--someone--cached" / "snapshots" / "0123456789abcdef"
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(trained / "best" / name, snapshot / name)
+    (hub_down / "models--someone--cached" / "refs").mkdir()
+    (hub_down / "models--someone--cached" / "refs" / "main").write_text("0123456789abcdef")
+    image = tmp_path / "p.jpg"
+    painting(48).save(image)
+    capsys.readouterr()
+    assert cli_main(["predict", "--model", "someone/cached", str(image), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert result["image"] == str(image) and result["predictions"]["style"]

@@ -51,6 +51,16 @@ def test_stopped_mid_epoch_then_resumed_is_bit_identical(uninterrupted, tmp_path
     assert_same_weights(run, uninterrupted[accum])
     assert read_json(run / "metrics.json")["top1"] == read_json(uninterrupted[accum] / "metrics.json")["top1"]
     assert [h["epoch"] for h in read_history(run)] == [1, 2]
+    # the epoch's running sums (loss, applied steps, skipped images) are in the checkpoint: the resumed
+    # epoch's history line is the uninterrupted one's, wall-clock fields aside
+    assert without_wall_clock(read_history(run)) == without_wall_clock(read_history(uninterrupted[accum]))
+
+
+WALL_CLOCK = ("epoch_seconds", "images_per_s")
+
+
+def without_wall_clock(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if k not in WALL_CLOCK} for record in history]
 
 
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path, demo_dir):
@@ -123,6 +133,8 @@ def test_sigterm_on_two_processes_then_resume_matches(tmp_path, demo_dir):
     assert_same_weights(tmp_path / "stopped", tmp_path / "whole")
     stopped_metrics, whole_metrics = (read_json(tmp_path / name / "metrics.json") for name in ("stopped", "whole"))
     assert stopped_metrics["loss"] == whole_metrics["loss"]
+    histories = [without_wall_clock(read_history(tmp_path / name)) for name in ("stopped", "whole")]
+    assert histories[0] == histories[1]
 
 
 def test_non_finite_losses_stop_the_run_and_keep_good_checkpoints(tmp_path, demo_dir):

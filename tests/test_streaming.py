@@ -134,3 +134,7 @@ def test_a_streamed_run_stopped_mid_epoch_resumes_to_the_same_weights(repo, tmp_
     a = load_file(tmp_path / "whole" / "last" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "last" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    wall_clock = ("epoch_seconds", "images_per_s")
+    histories = [[{k: v for k, v in r.items() if k not in wall_clock} for r in read_history(tmp_path / name)]
+                 for name in ("whole", "cut")]
+    assert histories[0] == histories[1]
