@@ -36,6 +36,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def weights_sha256(folder: str | Path) -> str:
+    """SHA-256 (hex) of a model folder's ``model.safetensors``: what every evaluation and card names its model by."""
+    return _sha256(Path(folder) / WEIGHTS_NAME)
+
+
 def save_model_folder(model: CRNNArtClassifier, folder: str | Path, info: dict[str, Any]) -> Path:
     """Write ``folder`` whole or not at all (a temporary folder renamed over it); a failed write is one line."""
     folder = Path(folder)

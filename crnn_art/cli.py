@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="metrics of a trained model on a split of its run's data")
     ev.add_argument("--checkpoint", required=True, help="a run folder, or its best/ or last/ folder")
     ev.add_argument("--split", default="test", help="train, validation or test (default: test)")
-    ev.add_argument("--output-dir", default=None, help="where metrics.json goes (default: RUN/eval_<split>)")
+    ev.add_argument("--output-dir", default=None,
+                    help="where metrics.json and the reports go (default: RUN/eval_<split>_<model>, "
+                         "e.g. eval_test_best)")
     ev.add_argument("--batch-size", type=int, default=None, help="per-process evaluation batch")
 
     out = sub.add_parser("outliers", help="rank the paintings whose label does not fit (SPEC §5)")
@@ -72,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME")
     pu.add_argument("--private", action="store_true", help="create the repository private")
     pu.add_argument("--revision", default=None, help="push to this branch (created if needed)")
+    pu.add_argument("--dry-run", action="store_true",
+                    help="show exactly what would be uploaded (files, sizes, the model card) without any network")
 
     pd = sub.add_parser("predict", help="top-k classes per head for images, folders or lists of paths")
     pd.add_argument("--model", required=True, help="a run folder, a best/ or last/ folder, or a Hub id")
@@ -101,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("images", nargs="+", help="image files")
     ex.add_argument("--output-dir", default="attention", help="where the PNGs go (default: ./attention)")
     return parser
+
+
+def _refresh_card(checkpoint: str, split: str) -> None:
+    """After a test evaluation, the evaluated folder's model card shows its figures (main process only)."""
+    from accelerate import PartialState
+
+    from crnn_art.checkpoints import resolve_model_folder
+    from crnn_art.hub import write_model_card
+
+    found = resolve_model_folder(checkpoint)
+    if split == "test" and found.run_dir is not None and PartialState().is_main_process:
+        print(f"model card refreshed: {write_model_card(found.run_dir, found.path)}")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -202,6 +218,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from crnn_art.evaluation import evaluate_checkpoint
 
         evaluate_checkpoint(args.checkpoint, args.split, args.output_dir, args.batch_size)
+        _refresh_card(args.checkpoint, args.split)
     elif args.command == "outliers":
         from crnn_art.outliers import find_outliers
 
@@ -215,7 +232,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "push":
         from crnn_art.hub import push
 
-        print(f"pushed: {push(args.checkpoint, args.repo_id, args.private, args.revision)}")
+        if args.dry_run:
+            from crnn_art.hub import preview
+
+            print(preview(args.checkpoint, args.repo_id))
+        else:
+            print(f"pushed: {push(args.checkpoint, args.repo_id, args.private, args.revision)}")
     elif args.command == "predict":
         return _predict(args)
     elif args.command == "bench":

@@ -57,23 +57,36 @@ def predict(model, loader, accelerator, heads: tuple[str, ...], progress=None) -
     )
 
 
-def head_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float] | None:
-    """Loss, top-1/top-5 (%), macro/weighted F1 (%) over samples with a known label; None if none."""
+TOP5_MIN_CLASSES = 6
+"""Top-5 is reported only for heads with more than 5 classes (with 5 or fewer it is always 100): else None."""
+
+
+def head_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None] | None:
+    """Loss, top-1/top-5 (%), macro/weighted F1 (%) over samples with a known label; None if none.
+
+    One class set for every averaged metric, in every file: the classes **present in the split's labels**
+    (support > 0). A prediction of an absent class still counts against the true class's recall, but an
+    absent class's own F1 (undefined: no sample to find) is not averaged in. ``top5`` is None for heads
+    of 5 or fewer classes.
+    """
     mask = labels >= 0
     if not bool(mask.any()):
         return None
     logits, labels = logits[mask].float(), labels[mask]
-    k = min(5, logits.shape[1])
-    topk = logits.topk(k, dim=1).indices
-    pred = topk[:, 0]
+    pred = logits.argmax(dim=1)
     y, p = labels.numpy(), pred.numpy()
+    present = np.unique(y)
+    top5 = None
+    if logits.shape[1] >= TOP5_MIN_CLASSES:
+        top5 = 100.0 * float((logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1).float().mean())
     return {
         "loss": float(F.cross_entropy(logits, labels)),
         "top1": 100.0 * float((pred == labels).float().mean()),
-        "top5": 100.0 * float((topk == labels[:, None]).any(dim=1).float().mean()),
-        "macro_f1": 100.0 * float(f1_score(y, p, average="macro", zero_division=0)),
-        "weighted_f1": 100.0 * float(f1_score(y, p, average="weighted", zero_division=0)),
+        "top5": top5,
+        "macro_f1": 100.0 * float(f1_score(y, p, labels=present, average="macro", zero_division=0)),
+        "weighted_f1": 100.0 * float(f1_score(y, p, labels=present, average="weighted", zero_division=0)),
         "num_samples": int(mask.sum()),
+        "classes_evaluated": len(present),
     }
 
 
@@ -92,8 +105,9 @@ def compute_metrics(pred: Predictions, heads: tuple[str, ...]) -> dict[str, Any]
         result.update(per_head.get(heads[0], {}))
         result.update(counts)
         return result
-    for key in METRIC_KEYS:
-        result[key] = float(np.mean([m[key] for m in per_head.values()]))
+    for key in METRIC_KEYS:  # the mean over heads where the metric applies
+        values = [m[key] for m in per_head.values() if m.get(key) is not None]
+        result[key] = float(np.mean(values)) if values else None
     result["heads"] = per_head
     all_known = (pred["labels"] >= 0).all(dim=1)
     correct = torch.stack(
@@ -105,9 +119,45 @@ def compute_metrics(pred: Predictions, heads: tuple[str, ...]) -> dict[str, Any]
     return result
 
 
+def fmt(value: float | None, digits: int) -> str:
+    """A metric as printed: ``n/a`` where it does not apply (top-5 on a head of 5 or fewer classes)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def selection_score(metrics: dict[str, Any], heads: tuple[str, ...]) -> float:
     """Model selection (SPEC §3): top-1, or joint exact match for the combined task."""
     return float(metrics["joint_exact_match"] if len(heads) > 1 else metrics["top1"])
+
+
+def _name_in_run(folder: Path, run_dir: Path) -> str:
+    try:
+        return folder.resolve().relative_to(run_dir.resolve()).as_posix()
+    except ValueError:
+        return str(folder)
+
+
+def evaluation_folder(run_dir: Path, folder: Path, split: str) -> Path:
+    """``RUN/eval_<split>_<model>``: one folder per evaluated model (``eval_test_best``, ``eval_test_last_ema``)."""
+    return run_dir / f"eval_{split}_{_name_in_run(folder, run_dir).replace('/', '-')}"
+
+
+def find_evaluation(run_dir: Path, model_dir: Path, split: str = "test") -> tuple[dict[str, Any], Path] | None:
+    """The newest evaluation in ``run_dir`` of exactly these weights (by SHA-256) on ``split``, with its folder."""
+    from crnn_art.checkpoints import weights_sha256
+
+    sha = weights_sha256(model_dir)
+    found = []
+    for path in Path(run_dir).glob("eval_*/metrics.json"):
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if metrics.get("split") == split and (metrics.get("model") or {}).get("sha256") == sha:
+            found.append((path.stat().st_mtime, metrics, path.parent))
+    if not found:
+        return None
+    _, metrics, folder = max(found, key=lambda item: item[0])
+    return metrics, folder
 
 
 @dataclass
@@ -172,6 +222,7 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | 
     """
     from rich.console import Console
 
+    from crnn_art.checkpoints import weights_sha256
     from crnn_art.loaders import eval_loader
     from crnn_art.reports import add_reports
     from crnn_art.training import make_progress, metrics_table, per_class_table
@@ -188,10 +239,11 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | 
         pred = predict(model, loader, accelerator, cfg.heads, progress)
     metrics = compute_metrics(pred, cfg.heads)
     metrics["split"] = split
+    metrics["model"] = {"folder": _name_in_run(folder, run_dir), "sha256": weights_sha256(folder)}
     if accelerator.is_main_process:
-        out = Path(output_dir) if output_dir else run_dir / f"eval_{split}"
+        out = Path(output_dir) if output_dir else evaluation_folder(run_dir, folder, split)
         out.mkdir(parents=True, exist_ok=True)
-        add_reports(metrics, pred, cfg.heads, model_names, out)
+        add_reports(metrics, pred, cfg.heads, model_names, out, f"{split} split, {_name_in_run(folder, run_dir)}")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         table = metrics_table(metrics, cfg.heads)
         table.title = f"{split} metrics of {folder} (%; loss is cross-entropy)"

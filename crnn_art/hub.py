@@ -20,127 +20,224 @@ from huggingface_hub.repocard_data import EvalResult
 from crnn_art.checkpoints import read_history
 from crnn_art.config import load_run_config
 from crnn_art.errors import first_line
-from crnn_art.evaluation import METRIC_KEYS
+from crnn_art.evaluation import METRIC_KEYS, find_evaluation, fmt
 
-LIMITS = """\
+WIKIART_LIMITS = """\
 - **Label noise and bias.** WikiArt's labels are crowd-curated; styles overlap (Impressionism vs
   Post-Impressionism), some paintings are mislabelled (`crnn-art outliers` finds candidates), and the
   collection over-represents European painting of the 15th-20th centuries and a few prolific artists.
-  Per-class recall below shows where the model is weak; do not read its outputs as art-historical fact.
+  The per-class figures of the evaluation show where the model is weak; do not read its outputs as
+  art-historical fact.
 - **Copyright.** Many works in WikiArt are still under copyright; the model was trained for research.
   Check the rights of any images you use it on or with.
 - **Domain.** Trained on digitised paintings at a fixed input size; photographs, sculpture or heavily
   cropped details are out of distribution.
 """
 
+DEMO_LIMITS = """\
+- **A demonstration model.** It was trained on crnn-art's generated demo paintings (coloured shapes
+  drawn per style, with some labels flipped on purpose), not on real art: it only shows that the
+  pipeline works. Do not use it on real paintings.
+"""
+
+OWN_DATA_LIMITS = """\
+- **Your data, your limits.** The model knows only the classes and the kind of images of
+  {dataset}; its figures hold for images like those of that split. Labels of any collection contain
+  mistakes (`crnn-art outliers` finds candidates).
+- **Domain.** Trained at a fixed input size; images unlike the training data are out of distribution.
+"""
+
+MIT_LICENSE = """\
+MIT License
+
+Copyright (c) {year} the authors of this model, trained with crnn-art
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of this model and
+associated files (the "Software"), to deal in the Software without restriction, including without
+limitation the rights to use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies
+of the Software, and to permit persons to whom the Software is furnished to do so, subject to the
+following conditions:
+
+The above copyright notice and this permission notice shall be included in all copies or substantial
+portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING BUT NOT
+LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO
+EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER
+IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR
+THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+"""
+
+MODEL_INDEX_METRICS = (("top1", "accuracy", None, "top-1 accuracy"),
+                       ("top5", "top_5_accuracy", None, "top-5 accuracy"),
+                       ("macro_f1", "f1", "macro", "macro F1"), ("weighted_f1", "f1", "weighted", "weighted F1"))
+"""(our key, the Hub's metric type, its averaging, the name shown); averages over the classes present in the split."""
+
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def hub_dataset_id(source: str) -> str | None:
+    """``owner/name`` when the run's ``data.source`` was a Hub dataset id, else None (demo, artgan, a local path).
+
+    Judged from the text alone, so that the card does not depend on the folder it is written from."""
+    import re
+
+    if source in ("demo", "artgan") or source.startswith((".", "/", "~")) or source.endswith(".parquet"):
+        return None
+    return source if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) and not Path(source).is_dir() else None
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _results(per_head: dict[str, dict], dataset_id: str | None, dataset_name: str, split: str) -> list[EvalResult]:
+    results = []
+    for head, m in per_head.items():
+        for key, metric_type, averaging, shown in MODEL_INDEX_METRICS:
+            if m.get(key) is None:
+                continue
+            results.append(EvalResult(
+                task_type="image-classification", dataset_type=dataset_id or "custom",
+                dataset_name=f"{dataset_name} ({head}, {split} split)", dataset_split=split,
+                metric_type=metric_type, metric_config=averaging, metric_value=round(float(m[key]), 3),
+                metric_name=f"{head} {shown} (%)",
+            ))
+    return results
+
+
 def model_card(run_dir: str | Path, model_dir: str | Path, repo_id: str | None = None) -> ModelCard:
-    """The card for a run: YAML metadata (with model-index results) and the prose a user needs."""
+    """The card of one model folder: YAML metadata (model-index results) and the prose a user needs.
+
+    Its figures belong to exactly these weights: the newest test-split evaluation whose SHA-256 matches
+    ``model.safetensors`` (``crnn-art evaluate``), else the validation figures saved with the folder, and
+    the card then says that the test split was not evaluated.
+    """
     run_dir, model_dir = Path(run_dir), Path(model_dir)
     cfg = load_run_config(run_dir / "config.yaml")
     config = json.loads((model_dir / "config.json").read_text())
     training = _read_json(model_dir / "training.json") or {}
-    evaluated = _read_json(run_dir / "eval_test" / "metrics.json")
-    metrics = evaluated or training.get("metrics") or _read_json(run_dir / "metrics.json") or {}
-    split = metrics.get("split", "validation")
-    dataset_id = cfg.data.source if cfg.data.source not in ("demo", "artgan") and "/" in cfg.data.source \
-        and not Path(cfg.data.source).exists() else None
+    found = find_evaluation(run_dir, model_dir, "test")
+    metrics = found[0] if found else training.get("metrics") or {}
+    split = "test" if found else "validation"
+    dataset_id = hub_dataset_id(cfg.data.source)
     dataset_name = {"demo": "crnn-art demo (generated)", "artgan": "WikiArt, ArtGAN protocol"}.get(
         cfg.data.source, dataset_id or Path(cfg.data.source).name)
     heads = list(config["heads"])
-    results = []
     per_head = metrics.get("heads") or ({heads[0]: metrics} if metrics else {})
-    for head, m in per_head.items():
-        for key in ("top1", "top5", "macro_f1", "weighted_f1"):
-            if key in m:
-                results.append(EvalResult(
-                    task_type="image-classification", dataset_type=dataset_id or "custom",
-                    dataset_name=f"{dataset_name} ({head}, {split})", metric_type=key,
-                    metric_value=round(float(m[key]), 3), metric_name=f"{head} {key} (%)",
-                ))
     data = ModelCardData(
         library_name="crnn-art", license="mit", pipeline_tag="image-classification",
-        tags=["image-classification", "art", "wikiart", "crnn", "pytorch"],
-        datasets=[dataset_id] if dataset_id else None,
-        metrics=["accuracy", "f1"],
-        model_name=repo_id or model_dir.name, eval_results=results or None,
+        tags=["image-classification", "art", "crnn", "pytorch"] + (["wikiart"] if cfg.data.source != "demo" else []),
+        datasets=[dataset_id] if dataset_id else None, metrics=["accuracy", "f1"],
+        model_name=repo_id or f"crnn-art {cfg.data.task} ({model_dir.name})",
+        eval_results=_results(per_head, dataset_id, dataset_name, split) or None,
     )
-    history = read_history(run_dir)
-    rows = "\n".join(
-        f"| {h['epoch']} | {h['train_loss']:.3f} | {h['val']['loss']:.3f} | {h['val']['top1']:.2f} | "
-        f"{h['val']['top5']:.2f} | {h['val']['macro_f1']:.2f} |" for h in history if not h.get("partial")
-    )
-    head_rows = "\n".join(
-        f"| {head} | " + " | ".join(f"{m.get(k, float('nan')):.2f}" for k in METRIC_KEYS[1:])
-        + f" | {m.get('num_samples', '')} |" for head, m in per_head.items()
-    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + _card_text(cfg, config, run_dir, model_dir, metrics, split,
+                                                                     found is not None, per_head, dataset_name,
+                                                                     training, repo_id))
+
+
+def _card_text(cfg, config: dict, run_dir: Path, model_dir: Path, metrics: dict, split: str, evaluated: bool,
+               per_head: dict, dataset_name: str, training: dict, repo_id: str | None) -> str:
+    heads = list(config["heads"])
     classes = "; ".join(f"**{h}** ({len(n)}): {', '.join(n[:30])}{' ...' if len(n) > 30 else ''}"
                         for h, n in config["class_names"].items())
+    head_rows = "\n".join(f"| {head} | " + " | ".join(fmt(m.get(k), 2) for k in METRIC_KEYS[1:])
+                          + f" | {m.get('num_samples', '')} |" for head, m in per_head.items())
+    if evaluated:
+        where = (f"Test split of the run ({metrics.get('num_samples', '?')} paintings, never used for training or "
+                 f"model selection), evaluated on exactly these weights (SHA-256 "
+                 f"`{metrics['model']['sha256'][:16]}...`).")
+    else:
+        where = (f"**The test split was not evaluated for these weights.** The figures are the validation split at "
+                 f"epoch {training.get('epoch', '?')} (the split used to choose the model, so they flatter it); "
+                 "`crnn-art evaluate --checkpoint RUN --split test` evaluates it and refreshes this card.")
+    joint = (f"\nJoint exact match (all heads right): {metrics['joint_exact_match']:.2f} %.\n"
+             if metrics.get("joint_exact_match") is not None else "")
+    picture = "\n![confusion matrix of the test split](confusion_matrix.png)\n" if evaluated and len(heads) == 1 \
+        else ""
+    history = [h for h in read_history(run_dir) if not h.get("partial")]
+    epochs = ""
+    if history:
+        epochs = ("\n### Per epoch (validation split)\n\n| epoch | train loss | val loss | top-1 | top-5 | macro F1 |\n"
+                  "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(
+                      f"| {h['epoch']} | {fmt(h['train_loss'], 3)} | {h['val']['loss']:.3f} | {h['val']['top1']:.2f} "
+                      f"| {fmt(h['val'].get('top5'), 2)} | {h['val']['macro_f1']:.2f} |" for h in history) + "\n")
     processes = history[-1]["processes"] if history else 1
     hardware = history[-1].get("hardware", "unrecorded hardware") if history else "unrecorded hardware"
-    joint = (f"Joint exact match (all heads right): {metrics['joint_exact_match']:.2f} %."
-             if "joint_exact_match" in metrics else "")
-    t = cfg.train
-    name = repo_id or "path/to/model"
-    content = f"""---
-{data.to_yaml()}
----
-
-# crnn-art: {', '.join(heads)} classifier of paintings
+    t, a = cfg.train, cfg.augment
+    name = repo_id or str(model_dir)
+    limits = {"demo": DEMO_LIMITS}.get(cfg.data.source) or (
+        WIKIART_LIMITS if cfg.data.source == "artgan" or "wikiart" in cfg.data.source.lower()
+        else OWN_DATA_LIMITS.format(dataset=dataset_name))
+    backbone = cfg.model.backbone_weights or "random initialisation"
+    return f"""# crnn-art: {', '.join(heads)} classifier of paintings
 
 A convolutional-recurrent classifier (ResNet-50 trunk, row and column bidirectional GRUs with
 attention pooling, one linear head per task) trained with crnn-art on
 **{dataset_name}**. Input: RGB, {config['image_size']} px (evaluation: resize the short side to
 {round(config['image_size'] * 416 / 384)}, centre-crop), ImageNet mean/std. Heads: {classes}.
 
+## Install and use
+
+```bash
+pip install crnn-art   # or, in a clone of the crnn-art repository: pip install .
+crnn-art predict --model {name} painting.jpg my_folder/ --top-k 3 --json
+```
+
+```python
+from crnn_art import CRNNArtClassifier, predict
+
+model = CRNNArtClassifier.from_pretrained("{name}")
+for result in predict(model, ["painting.jpg"], top_k=3):
+    print(result["image"], result["predictions"])
+```
+
 ## Results ({split} split, %)
+
+{where} Macro and weighted F1 average over the classes present in the split; top-5 is n/a for
+heads of 5 or fewer classes.
 
 | head | top-1 | top-5 | macro F1 | weighted F1 | samples |
 | --- | --- | --- | --- | --- | --- |
 {head_rows}
-{joint}
-
-![confusion matrix](confusion_matrix.png)
-
-### Per epoch (validation)
-
-| epoch | train loss | val loss | top-1 | top-5 | macro F1 |
-| --- | --- | --- | --- | --- | --- |
-{rows}
-
+{joint}{picture}{epochs}
 ## Training
 
 Task `{cfg.data.task}`, {t.epochs} epochs, global batch {t.batch_size} on {processes} process(es) ({hardware}),
-precision `{t.mixed_precision}`, AdamW (lr {t.lr:g} new modules / {t.backbone_lr:g} backbone, weight decay
-{t.weight_decay:g}), cosine schedule to {t.min_lr:g}, label smoothing {t.label_smoothing}, gradient clipping
-{t.grad_clip}, class-balanced sampling {t.balanced_sampling}, MixUp/CutMix probability
-{cfg.augment.mixup_prob}/{cfg.augment.cutmix_prob}, image size {cfg.data.image_size}, backbone init
-`{cfg.model.backbone_weights}`, seed {t.seed}. The full config is `config.yaml` of the run.
-
-## Use
-
-```python
-from crnn_art import CRNNArtClassifier, predict
-model = CRNNArtClassifier.from_pretrained("{name}")
-print(predict(model, ["painting.jpg"], top_k=3))
-```
-
-```bash
-crnn-art predict --model {name} painting.jpg my_folder/ --top-k 3 --json
-```
+precision `{t.mixed_precision}`, AdamW (learning rate {t.lr:g} for the new modules, {t.backbone_lr:g} for the
+backbone, weight decay {t.weight_decay:g}), cosine schedule to {t.min_lr:g}, label smoothing {t.label_smoothing:g},
+gradient clipping at norm {t.grad_clip:g}, class-balanced sampling: {_yes_no(t.balanced_sampling)},
+MixUp/CutMix probability {a.mixup_prob:g}/{a.cutmix_prob:g}, image size {cfg.data.image_size} px, backbone
+initialised from {backbone}, seed {t.seed}. `config.yaml` holds the full configuration.
 
 ## Limits
 
-{LIMITS}"""
-    return ModelCard(content)
+{limits}"""
+
+
+def write_model_card(run_dir: str | Path, model_dir: str | Path, repo_id: str | None = None) -> Path:
+    """Write the card (``README.md``) and its ``LICENSE`` into ``model_dir``: every saved model folder carries
+    the card a Hub user would read, refreshed when the folder is evaluated."""
+    from crnn_art.runs import atomic_write_text
+
+    model_dir = Path(model_dir)
+    atomic_write_text(model_dir / "README.md", str(model_card(run_dir, model_dir, repo_id)), "the model card")
+    atomic_write_text(model_dir / "LICENSE", _license(), "the licence")
+    return model_dir / "README.md"
+
+
+def _license() -> str:
+    import datetime
+
+    return MIT_LICENSE.format(year=datetime.date.today().year)
 
 
 def stage_model(checkpoint: str | Path, target: Path, repo_id: str | None = None) -> Path:
-    """Copy what a repository needs into ``target``: weights, config, card, reports."""
+    """Copy what a repository needs into ``target``: weights, config, card, licence, config.yaml, and the reports
+    of the test evaluation of exactly these weights (if any)."""
     from crnn_art.checkpoints import load_model_folder, resolve_model_folder
 
     found = resolve_model_folder(checkpoint)
@@ -150,12 +247,15 @@ def stage_model(checkpoint: str | Path, target: Path, repo_id: str | None = None
     for name in ("config.json", "model.safetensors", "training.json"):
         if (folder / name).is_file():
             shutil.copy2(folder / name, target / name)
-    for report in ("eval_test/confusion_matrix.png", "eval_test/metrics.json", "eval_test/classification_report.txt"):
-        if (run_dir / report).is_file():
-            shutil.copy2(run_dir / report, target / Path(report).name)
+    evaluation = find_evaluation(run_dir, folder, "test")
+    if evaluation is not None:
+        for report in sorted(evaluation[1].iterdir()):
+            if report.is_file() and report.suffix in (".png", ".json", ".txt", ".csv"):
+                shutil.copy2(report, target / report.name)
     if (run_dir / "config.yaml").is_file():
         shutil.copy2(run_dir / "config.yaml", target / "config.yaml")
-        model_card(run_dir, folder, repo_id).save(target / "README.md")
+        (target / "README.md").write_text(str(model_card(run_dir, folder, repo_id)))
+        (target / "LICENSE").write_text(_license())
     return target
 
 
@@ -199,6 +299,20 @@ def check_repo_id(repo_id: str) -> None:
         first = first_line(exc, 160)
         raise HubError(f"--repo-id {repo_id!r} is not a Hub repository id ({first}); use USER/NAME or ORG/NAME "
                        "(letters, digits, '-', '_', '.')") from exc
+
+
+def preview(checkpoint: str | Path, repo_id: str) -> str:
+    """What ``push`` would upload to ``repo_id``, staged exactly as ``push`` stages it, with no network call:
+    each file with its size, then the model card."""
+    check_repo_id(repo_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = stage_model(checkpoint, Path(tmp) / "model", repo_id)
+        files = sorted(f for f in staged.rglob("*") if f.is_file())
+        width = max(len(f.name) for f in files)
+        lines = [f"would upload to https://huggingface.co/{repo_id} ({len(files)} files):"]
+        lines += [f"  {f.relative_to(staged).as_posix():<{width}}  {f.stat().st_size:>12,} bytes" for f in files]
+        card = (staged / "README.md").read_text() if (staged / "README.md").is_file() else "(no model card)"
+    return "\n".join(lines) + "\n\nREADME.md (the model card):\n\n" + card
 
 
 def push(checkpoint: str | Path, repo_id: str, private: bool = False, revision: str | None = None,

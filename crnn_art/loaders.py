@@ -43,6 +43,12 @@ class PaintingDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def paths(self) -> list[str]:
+        """Each position's image path as the source records it ('' where it holds only bytes), read from the
+        path column alone: no image is loaded."""
+        names = self.images.flatten()["image.path"]
+        return [names[int(i)] or "" for i in self.image_index]
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """One sample; a file that cannot be decoded gives ``skipped=True`` and a blank image.
 

@@ -60,9 +60,9 @@ def soft_target_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum over heads of each head's mean soft cross-entropy over its known label mass.
 
-    With ``class_weights`` (streamed runs balance classes in the loss), a sample's loss is weighed
-    by its (mixed) classes' weights and the mean is over the weighted mass, as ``F.cross_entropy``'s
-    ``weight`` does for hard labels.
+    With ``class_weights`` (streamed runs balance classes in the loss) each class's term is weighed by
+    that class's weight, the smoothing term's included, and the mean is over the weighted label mass:
+    for hard labels exactly ``F.cross_entropy(weight=w, label_smoothing=s)`` (PyTorch's definition).
     """
     total = torch.zeros((), device=targets.device)
     per_head = {}
@@ -70,12 +70,11 @@ def soft_target_loss(
     for head, n in sizes.items():
         block = targets[:, start:start + n]
         start += n
-        if class_weights is not None:
-            block = block * class_weights[head].to(block.dtype)
-        mass = block.sum(dim=1, keepdim=True)
-        smoothed = block * (1 - smoothing) + mass * (smoothing / n)
+        mass = block.sum(dim=1, keepdim=True)  # 1 for a known (possibly mixed) label, 0 for an unknown one
+        weight = torch.ones(n, device=block.device) if class_weights is None else class_weights[head].to(block)
+        smoothed = (block * (1 - smoothing) + mass * (smoothing / n)) * weight
         log_probs = F.log_softmax(logits[head].float(), dim=1)
-        denom = mass.sum().clamp(min=1e-8)
+        denom = (block * weight).sum().clamp(min=1e-8)
         loss = -(smoothed * log_probs).sum() / denom
         per_head[head] = loss.detach()
         total = total + loss

@@ -315,10 +315,12 @@ def find_outliers(checkpoint: str, split: str = "train", top: int = 50, mode: st
                 info["quality"] = quality(ranked, wrong)
                 console.print(_quality_table(info["quality"], split))
             result["heads"][head] = info
-        _write_csv(out / "outliers.csv", selected_all, model.class_names)
+        path_of = dict(zip(rows.tolist(), dataset.paths(), strict=True))
+        _write_csv(out / "outliers.csv", selected_all, model.class_names, path_of)
         _write_csv(out / "all_scores.csv", [s for h in cfg.heads for s in rank([x for x in scored if x.head == h])],
-                   model.class_names)
-        _write_html(out / "outliers.html", selected_all, model, dataset, rows, split)
+                   model.class_names, path_of)
+        _write_html(out / "outliers.html", selected_all, model, dataset, rows, split, path_of)
+        result["outliers"] = [_record(s, model.class_names, path_of) for s in selected_all]
         (out / "outliers.json").write_text(json.dumps(result, indent=2))
         table = Table(title=f"top outliers of the {split} split (of {len(scored)} scored)")
         for col in ("rank", "row", "head", "given", "predicted", "conf", "own_sim", "margin", "nbrs agree", "score",
@@ -358,23 +360,36 @@ def _quality_table(q: dict[str, dict[str, float]], split: str):
     return table
 
 
-def _write_csv(path: Path, scored: list[Scored], class_names: dict[str, list[str]]) -> None:
+CSV_COLUMNS = ("rank", "row", "path", "head", "true_label", "predicted_label", "confidence", "own_similarity",
+               "margin", "p_given", "knn_agreement", "score", "flagged_by")
+"""``row`` is the row id in the source; ``path`` the image file as the source records it (empty when the source
+holds only image bytes, e.g. the demo): what a curator opens to fix the label."""
+
+
+def _record(s: Scored, class_names: dict[str, list[str]], path_of: dict[int, str], rank_: int | None = None) -> dict:
+    names = class_names[s.head]
+    record = {"row": s.row, "path": path_of.get(s.row, ""), "head": s.head, "true_label": names[s.label],
+              "predicted_label": names[s.pred], "confidence": round(s.confidence, 4),
+              "own_similarity": round(s.own_sim, 4), "margin": round(s.margin, 4), "p_given": round(s.p_given, 4),
+              "knn_agreement": round(s.knn_agree, 2), "score": round(s.score, 4), "flagged_by": s.flags}
+    return record if rank_ is None else {"rank": rank_, **record}
+
+
+def _write_csv(path: Path, scored: list[Scored], class_names: dict[str, list[str]], path_of: dict[int, str]) -> None:
     with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["rank", "row", "head", "true_label", "predicted_label", "confidence", "own_similarity",
-                         "margin", "p_given", "knn_agreement", "score", "flagged_by"])
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
         ranks: dict[str, int] = {}
         for s in scored:
             ranks[s.head] = ranks.get(s.head, 0) + 1
-            names = class_names[s.head]
-            writer.writerow([ranks[s.head], s.row, s.head, names[s.label], names[s.pred], f"{s.confidence:.4f}",
-                             f"{s.own_sim:.4f}", f"{s.margin:.4f}", f"{s.p_given:.4f}", f"{s.knn_agree:.2f}",
-                             f"{s.score:.4f}", s.flags])
+            writer.writerow(_record(s, class_names, path_of, ranks[s.head]))
 
 
 @torch.no_grad()
-def _write_html(path: Path, selected: list[Scored], model, dataset, rows: np.ndarray, split: str) -> None:
-    """A self-contained page (images inline as base64): painting, attention overlay, labels, scores."""
+def _write_html(path: Path, selected: list[Scored], model, dataset, rows: np.ndarray, split: str,
+                path_of: dict[int, str]) -> None:
+    """A self-contained page (images inline): the whole painting (open it larger, or the file itself), the
+    model's view with its attention, labels, scores, and the file to fix."""
     from crnn_art.attention import attention_map, eval_view, overlay
     from crnn_art.decoding import decode_image
     from crnn_art.transforms import eval_resize
@@ -387,30 +402,46 @@ def _write_html(path: Path, selected: list[Scored], model, dataset, rows: np.nda
         device = next(model.parameters()).device
         out = model(item["image"][None].to(device))
         amap = attention_map(out.row_attention, out.col_attention)[0].cpu().numpy()
-        image = dataset.images[int(dataset.image_index[position[s.row]])]["image"]
-        view = eval_view(decode_image(image, eval_resize(model.image_size)), model.image_size)
+        cell = dataset.images[int(dataset.image_index[position[s.row]])]["image"]
+        painting = decode_image(cell, LARGE_SIDE)
+        painting.thumbnail((LARGE_SIDE, LARGE_SIDE))
+        view = eval_view(decode_image(cell, eval_resize(model.image_size)), model.image_size)
         names = model.class_names[s.head]
+        file = path_of.get(s.row, "")
+        where = (f"<a href='{html.escape(Path(file).resolve().as_uri())}'>{html.escape(file)}</a>"
+                 if file and Path(file).is_absolute() else html.escape(file) or f"row {s.row}")
         cards.append(
-            f"<div class='card'><div class='imgs'><img src='{_png(view)}' title='painting'>"
-            f"<img src='{_png(overlay(view, amap))}' title='row x column attention'></div>"
-            f"<b>#{i}</b> row {s.row} ({html.escape(s.head)})<br>given <b>{html.escape(names[s.label])}</b>, "
-            f"predicted <b>{html.escape(names[s.pred])}</b> ({s.confidence:.2f})<br>"
-            f"own sim {s.own_sim:.3f}, margin {s.margin:.3f}, neighbours agree {s.knn_agree:.0%}, "
-            f"score {s.score:.3f}<br>"
-            f"<i>{html.escape(s.flags or '-')}</i></div>"
+            f"<div class='card'><div class='imgs'><img src='{_jpeg(painting)}' title='the painting'>"
+            f"<img src='{_png(overlay(view, amap))}' title='what the model sees, with its row x column attention'>"
+            f"</div><details><summary>larger</summary><img class='large' src='{_jpeg(painting)}'></details>"
+            f"<b>#{i}</b> row {s.row} ({html.escape(s.head)})<br><span class='file'>{where}</span><br>"
+            f"given <b>{html.escape(names[s.label])}</b>, predicted <b>{html.escape(names[s.pred])}</b> "
+            f"({s.confidence:.2f})<br>own sim {s.own_sim:.3f}, margin {s.margin:.3f}, neighbours agree "
+            f"{s.knn_agree:.0%}, score {s.score:.3f}<br><i>{html.escape(s.flags or '-')}</i></div>"
         )
     page = (
         "<!doctype html><meta charset='utf-8'><title>crnn-art outliers</title><style>"
-        "body{font-family:sans-serif;margin:1em}.card{display:inline-block;width:300px;margin:6px;padding:6px;"
-        "border:1px solid #ccc;font-size:12px;vertical-align:top}.imgs img{width:145px;height:145px;"
-        "object-fit:contain;margin-right:2px;image-rendering:auto}</style>"
+        "body{font-family:sans-serif;margin:1em}.card{display:inline-block;width:310px;margin:6px;padding:6px;"
+        "border:1px solid #ccc;font-size:12px;vertical-align:top;overflow-wrap:anywhere;word-break:break-word}"
+        ".imgs img{width:150px;height:150px;object-fit:contain;margin-right:2px;image-rendering:auto}"
+        ".large{max-width:100%}.file{color:#555}</style>"
         f"<h1>Paintings whose label does not fit — {html.escape(split)} split</h1>"
-        "<p>Left: the painting as the model sees it; right: the row x column attention map over it. "
-        "Ranked by score = (1 - own-centroid similarity) - margin + (1 - p(given label)) "
+        "<p>Left: the whole painting (open 'larger', or its file); right: the part the model sees, with its "
+        "row x column attention. Ranked by score = (1 - own-centroid similarity) - margin + (1 - p(given label)) "
         "+ (1 - share of nearest neighbours with the same label).</p>"
         + "".join(cards)
     )
     path.write_text(page)
+
+
+LARGE_SIDE = 512
+"""Long side (px) of the painting shown in the outliers page."""
+
+
+def _jpeg(image) -> str:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _png(image) -> str:

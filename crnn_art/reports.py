@@ -25,10 +25,21 @@ def per_class_metrics(y: np.ndarray, pred: np.ndarray, names: list[str]) -> dict
     }
 
 
-def write_head_reports(y: np.ndarray, pred: np.ndarray, names: list[str], out: Path, suffix: str = "") -> None:
-    """``classification_report{suffix}.txt``, ``confusion_matrix{suffix}.csv`` and ``.png`` in ``out``."""
+def write_head_reports(y: np.ndarray, pred: np.ndarray, names: list[str], out: Path, suffix: str = "",
+                       title: str = "") -> None:
+    """``classification_report{suffix}.txt``, ``confusion_matrix{suffix}.csv`` and ``.png`` in ``out``.
+
+    The report's averages are over the classes present in the split, as in ``metrics.json``; classes of
+    the head that are absent are named below it with how often they were predicted."""
     labels = list(range(len(names)))
-    report = classification_report(y, pred, labels=labels, target_names=names, digits=4, zero_division=0)
+    present = sorted(set(np.unique(y).tolist()))
+    report = classification_report(y, pred, labels=present, target_names=[names[i] for i in present], digits=4,
+                                   zero_division=0)
+    absent = [i for i in labels if i not in present]
+    if absent:
+        report += (f"\nAverages are over the {len(present)} classes present in this split. "
+                   "Absent (no sample; predicted n times):\n"
+                   + "".join(f"  {names[i]}: predicted {int((pred == i).sum())} times\n" for i in absent))
     (out / f"classification_report{suffix}.txt").write_text(report)
     cm = confusion_matrix(y, pred, labels=labels)
     with open(out / f"confusion_matrix{suffix}.csv", "w", newline="") as fh:
@@ -36,11 +47,13 @@ def write_head_reports(y: np.ndarray, pred: np.ndarray, names: list[str], out: P
         writer.writerow(["true \\ predicted", *names])
         for name, row in zip(names, cm, strict=True):
             writer.writerow([name, *row.tolist()])
-    plot_confusion_matrix(cm, names, out / f"confusion_matrix{suffix}.png")
+    plot_confusion_matrix(cm, names, out / f"confusion_matrix{suffix}.png", title)
 
 
 def plot_confusion_matrix(cm: np.ndarray, names: list[str], path: Path, title: str = "") -> None:
-    """Row-normalised (each true class sums to 1), sized so 27+ class names stay readable."""
+    """Row-normalised colours (each true class sums to 1: recall on the diagonal), each cell annotated with
+    its rate and its count; titled with what was evaluated (``title``: split and model). Sized so 27+ class
+    names stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,20 +62,21 @@ def plot_confusion_matrix(cm: np.ndarray, names: list[str], path: Path, title: s
     n = len(names)
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
-    side = max(6.0, 0.38 * n + 3)
+    side = max(6.0, 0.45 * n + 3)
     fig, ax = plt.subplots(figsize=(side + 1.5, side))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), labels=names, rotation=60, ha="right", fontsize=8 if n > 15 else 10)
     ax.set_yticks(range(n), labels=names, fontsize=8 if n > 15 else 10)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title or "confusion matrix (row-normalised: recall on the diagonal)")
+    ax.set_title(f"confusion matrix{' - ' + title if title else ''}\n(colour: share of the true class; "
+                 f"cells: share and count; {int(cm.sum())} paintings)", fontsize=10)
     if n <= 30:
         for i in range(n):
             for j in range(n):
-                if norm[i, j] >= 0.01:
-                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6 if n > 15 else 8,
-                            color="white" if norm[i, j] > 0.5 else "black")
+                if cm[i, j]:
+                    ax.text(j, i, f"{norm[i, j]:.2f}\n({int(cm[i, j])})", ha="center", va="center",
+                            fontsize=5 if n > 15 else 7, color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -70,7 +84,7 @@ def plot_confusion_matrix(cm: np.ndarray, names: list[str], path: Path, title: s
 
 
 def add_reports(metrics: dict[str, Any], pred, heads: tuple[str, ...], class_names: dict[str, list[str]],
-                out: Path | None) -> None:
+                out: Path | None, title: str = "") -> None:
     """Add ``per_class`` to ``metrics`` (per head for several heads) and write the files when ``out``."""
     for i, head in enumerate(heads):
         y_all = pred["labels"][:, i].numpy()
@@ -81,4 +95,5 @@ def add_reports(metrics: dict[str, Any], pred, heads: tuple[str, ...], class_nam
         target = metrics if len(heads) == 1 else metrics["heads"].setdefault(head, {})
         target["per_class"] = per_class
         if out is not None and len(y):
-            write_head_reports(y, p, class_names[head], out, "" if len(heads) == 1 else f"_{head}")
+            write_head_reports(y, p, class_names[head], out, "" if len(heads) == 1 else f"_{head}",
+                               f"{head}: {title}" if len(heads) > 1 and title else title)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast, broadcast_object_list, gather_object, set_seed
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -46,7 +46,8 @@ from crnn_art.checkpoints import (
     save_model_folder,
 )
 from crnn_art.config import RunConfig, config_text, flat_config
-from crnn_art.evaluation import METRIC_KEYS, compute_metrics, predict, selection_score
+from crnn_art.evaluation import METRIC_KEYS, compute_metrics, fmt, predict, selection_score
+from crnn_art.hub import push, write_model_card
 from crnn_art.loaders import STREAMED, DrawnBatches, PaintingDataset, eval_loader, split_dataset
 from crnn_art.mixing import BatchMixer, one_hot_targets, soft_target_loss
 from crnn_art.model import CRNNArtClassifier
@@ -456,6 +457,7 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
             metrics.update(epoch=epoch, step=state.step)
             ema_metrics = None
             if ema is not None:
+                _same_ema_everywhere(accelerator, ema)
                 ema_metrics = compute_metrics(predict(ema.module, val_loader, accelerator, cfg.heads, progress),
                                               cfg.heads)
             score = selection_score(metrics, cfg.heads)
@@ -473,21 +475,26 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
                 "val": {k: v for k, v in metrics.items() if k not in ("epoch", "step")},
                 **({"val_ema": ema_metrics} if ema_metrics else {}),
             }
-            accelerator.log({f"val/{k}": metrics[k] for k in METRIC_KEYS}
+            accelerator.log({f"val/{k}": metrics[k] for k in METRIC_KEYS if metrics[k] is not None}
                             | ({"train/epoch_loss": train_loss} if train_loss is not None else {})
-                            | ({f"val_ema/{k}": ema_metrics[k] for k in METRIC_KEYS} if ema_metrics else {}),
+                            | ({f"val_ema/{k}": ema_metrics[k] for k in METRIC_KEYS if ema_metrics[k] is not None}
+                               if ema_metrics else {}),
                             step=state.step)
             accelerator.wait_for_everyone()
             if is_main:
                 append_line(out / HISTORY, json.dumps(record), "the history")
                 unwrapped = accelerator.unwrap_model(model)
                 info = {"epoch": epoch, "step": state.step, "metrics": metrics, "task": cfg.data.task}
+                saved = []
                 if _all_finite(unwrapped):  # never replace a model folder with inf/NaN weights
-                    save_model_folder(unwrapped, out / "last", info)
+                    saved.append(save_model_folder(unwrapped, out / "last", info))
                     if improved:
-                        save_model_folder(unwrapped, out / "best", info)
+                        saved.append(save_model_folder(unwrapped, out / "best", info))
                 if ema is not None and _all_finite(ema.module):
-                    save_model_folder(ema.module, out / "last_ema", {**info, "metrics": ema_metrics, "ema": True})
+                    saved.append(save_model_folder(ema.module, out / "last_ema",
+                                                   {**info, "metrics": ema_metrics, "ema": True}))
+                for folder in saved:  # the card a Hub user would read, in every model folder
+                    write_model_card(out, folder)
             if epoch_done:
                 state.start_epoch(epoch + 1)
                 if improved:
@@ -516,12 +523,22 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
         console.print(f"run saved in {out}/: {', '.join(saved)}")
     accelerator.wait_for_everyone()
     if is_main and cfg.hub.push_to_hub:
-        from crnn_art.hub import push
-
         url = push(out, cfg.hub.push_to_hub, private=cfg.hub.private, revision=cfg.hub.revision)
         console.print(f"pushed to the Hub: {url}")
     accelerator.end_training()
     return final
+
+
+def _same_ema_everywhere(accelerator, ema: AveragedModel) -> None:
+    """Give every process the main process's EMA buffers before the EMA is evaluated or saved.
+
+    The EMA's weights are the same everywhere (DDP keeps the model's weights equal), but with
+    ``use_buffers=True`` each process averages its own BatchNorm running statistics, which follow its
+    own batches. Without this, each process would evaluate its rows with a different EMA model and
+    ``val_ema`` would belong to no saved model; ``last_ema/`` and checkpoints hold the main process's.
+    """
+    if accelerator.num_processes > 1:
+        broadcast(list(ema.module.buffers()), from_process=0)
 
 
 def _images_per_s(state: TrainState, batch_size: int) -> float:
@@ -600,7 +617,7 @@ def _summary_line(epoch: int, epochs: int, record: dict, metrics: dict, improved
         + (f"train loss {record['train_loss']:.3f}" if record["train_loss"] is not None
            else "train loss n/a (no step applied: every step was skipped, non-finite or undecodable)")
         + f" | val loss {metrics['loss']:.3f} "
-        f"top1 {metrics['top1']:.1f} top5 {metrics['top5']:.1f} macroF1 {metrics['macro_f1']:.1f} "
+        f"top1 {metrics['top1']:.1f} top5 {fmt(metrics['top5'], 1)} macroF1 {metrics['macro_f1']:.1f} "
         f"weightedF1 {metrics['weighted_f1']:.1f}"
         + (f" joint {metrics['joint_exact_match']:.1f}" if "joint_exact_match" in metrics else "")
         + f" | lr {record['lr']:.2e} | {record['images_per_s']:.0f} img/s | {record['epoch_seconds']:.0f} s"
@@ -619,7 +636,7 @@ def metrics_table(metrics: dict[str, Any], heads: tuple[str, ...]) -> Table:
     table.add_column("samples", justify="right")
 
     def row(name: str, m: dict[str, Any]) -> None:
-        table.add_row(name, *[f"{m[k]:.3f}" if k == "loss" else f"{m[k]:.2f}" for k in METRIC_KEYS],
+        table.add_row(name, *[fmt(m[k], 3 if k == "loss" else 2) for k in METRIC_KEYS],
                       str(m.get("num_samples", "")))
 
     row(f"final (epoch {metrics['epoch']})" if metrics.get("epoch") else metrics.get("split", "all"), metrics)

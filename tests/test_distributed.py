@@ -12,7 +12,8 @@ from tests.conftest import read_history, read_json, run_cli, scratch, tiny_overr
 def two_process_run(tmp_path_factory, demo_dir):
     with scratch(tmp_path_factory) as folder:
         run = folder / "two"
-        run_cli(["train", "--output-dir", str(run), *tiny_overrides(demo_dir, train__max_steps=3)], processes=2)
+        overrides = tiny_overrides(demo_dir, train__max_steps=3, train__ema_decay=0.5)
+        run_cli(["train", "--output-dir", str(run), *overrides], processes=2)
         yield run
 
 
@@ -34,9 +35,21 @@ def test_one_and_two_processes_give_the_same_metrics(two_process_run, tmp_path):
     one, two = read_json(tmp_path / "one" / "metrics.json"), read_json(tmp_path / "two" / "metrics.json")
     final = read_json(two_process_run / "metrics.json")
     assert one["num_samples"] == two["num_samples"] == final["num_samples"]
-    for key in ("loss", "top1", "top5", "macro_f1", "weighted_f1"):
+    assert one["top5"] is two["top5"] is final["top5"] is None  # 4 classes: top-5 does not apply
+    for key in ("loss", "top1", "macro_f1", "weighted_f1"):
         assert one[key] == pytest.approx(two[key], abs=1e-4), key
         assert one[key] == pytest.approx(final[key], abs=1e-4), key
+
+
+def test_the_ema_evaluated_on_two_processes_is_the_saved_one(two_process_run, tmp_path):
+    """Each process averages its own BatchNorm statistics into its EMA: all must evaluate the main process's, the
+    one saved in last_ema/, so that val_ema is that model's figure."""
+    run_cli(["evaluate", "--checkpoint", str(two_process_run / "last_ema"), "--split", "validation",
+             "--output-dir", str(tmp_path / "ema")])
+    one = read_json(tmp_path / "ema" / "metrics.json")
+    during = read_history(two_process_run)[-1]["val_ema"]
+    assert one["num_samples"] == during["num_samples"]
+    assert one["loss"] == pytest.approx(during["loss"], rel=1e-6, abs=0)
 
 
 def test_one_and_two_processes_rank_the_same_outliers(two_process_run, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -53,6 +54,10 @@ def trained(tmp_path_factory, demo_dir):
         yield run
 
 
+def top1_of(path: Path) -> float:
+    return json.loads(path.read_text())["top1"]
+
+
 def _no_token_anywhere(*roots: Path) -> None:
     for root in roots:
         for f in root.rglob("*"):
@@ -71,16 +76,18 @@ def test_push_sends_model_card_and_reports_and_never_the_token(trained, tmp_path
     assert names == ["create_repo", "create_branch", "upload_folder"]
     assert hub.calls[0][1]["private"] is True and hub.calls[2][1]["revision"] == "v1"
     sent = {p.name for p in (tmp_path / "repo").iterdir()}
-    assert {"config.json", "model.safetensors", "README.md", "confusion_matrix.png", "metrics.json"} <= sent
+    assert {"config.json", "model.safetensors", "README.md", "LICENSE", "confusion_matrix.png", "metrics.json",
+            "classification_report.txt"} <= sent
+    assert top1_of(tmp_path / "repo" / "metrics.json") == top1_of(trained / "eval_test_best" / "metrics.json")
     card = ModelCard.load(tmp_path / "repo" / "README.md")
     meta = card.data.to_dict()
     assert meta["library_name"] == "crnn-art" and meta["pipeline_tag"] == "image-classification"
     assert meta["license"] == "mit" and "model-index" in meta
     results = meta["model-index"][0]["results"]
-    top1 = [r for r in results if r["metrics"][0]["type"] == "top1"]
+    top1 = [r for r in results if r["metrics"][0]["type"] == "accuracy"]
     assert top1 and top1[0]["metrics"][0]["value"] == pytest.approx(
-        json.loads((trained / "eval_test" / "metrics.json").read_text())["top1"], abs=1e-3)
-    assert "## Limits" in card.text and "copyright" in card.text.lower() and "from_pretrained" in card.text
+        json.loads((trained / "eval_test_best" / "metrics.json").read_text())["top1"], abs=1e-3)
+    assert "## Limits" in card.text and "demonstration model" in card.text and "from_pretrained" in card.text
     assert "process(es) (CPU (" in card.text  # the hardware it was trained on
     loaded = CRNNArtClassifier.from_pretrained(str(tmp_path / "repo"))
     assert loaded.class_names == load_model_folder(trained).class_names
@@ -281,3 +288,74 @@ def test_a_hub_model_downloaded_before_is_used_from_the_cache_when_the_hub_is_un
     assert cli_main(["predict", "--model", "someone/cached", str(image), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert result["image"] == str(image) and result["predictions"]["style"]
+
+
+@pytest.fixture(scope="module")
+def with_ema(tmp_path_factory, demo_dir):
+    """Two epochs with EMA: best/, last/ and last_ema/ hold different weights."""
+    with scratch(tmp_path_factory, "ema") as folder:
+        run = folder / "ema"
+        run_cli(["train", "--output-dir", str(run), *tiny_overrides(demo_dir, train__ema_decay=0.9)])
+        yield run
+
+
+def _card(folder: Path) -> ModelCard:
+    return ModelCard.load(folder / "README.md")
+
+
+def test_a_card_shows_only_figures_of_its_own_weights(with_ema):
+    from crnn_art.checkpoints import weights_sha256
+
+    run_cli(["evaluate", "--checkpoint", str(with_ema / "last_ema"), "--split", "test"])
+    ema_eval = json.loads((with_ema / "eval_test_last_ema" / "metrics.json").read_text())
+    assert ema_eval["model"] == {"folder": "last_ema", "sha256": weights_sha256(with_ema / "last_ema")}
+    best = _card(with_ema / "best")  # written when best/ was saved; the EMA's test figures are not its own
+    assert "The test split was not evaluated for these weights" in best.text
+    assert all(r["dataset"]["split"] == "validation" for r in best.data.to_dict()["model-index"][0]["results"])
+    assert "test split" in _card(with_ema / "last_ema").text and "confusion_matrix.png" in _card(
+        with_ema / "last_ema").text
+
+    run_cli(["evaluate", "--checkpoint", str(with_ema), "--split", "test"])  # the run's best/
+    best_eval = json.loads((with_ema / "eval_test_best" / "metrics.json").read_text())
+    assert best_eval["model"]["sha256"] == weights_sha256(with_ema / "best") != ema_eval["model"]["sha256"]
+    results = _card(with_ema / "best").data.to_dict()["model-index"][0]["results"]
+    top1 = [m["value"] for r in results for m in r["metrics"] if m["type"] == "accuracy"]
+    assert top1 == [pytest.approx(best_eval["top1"], abs=1e-3)] and results[0]["dataset"]["split"] == "test"
+
+
+def test_the_card_in_every_model_folder_is_the_generated_one(with_ema):
+    import re
+
+    for name in ("best", "last", "last_ema"):
+        card = _card(with_ema / name)
+        assert "## Install and use" in card.text and "from_pretrained" in card.text and "[More Information" not in \
+            card.text
+        assert not re.search(r"\b(None|True|False)\b", card.text), name  # no Python values in prose
+        assert "WikiArt" not in card.text.split("## Limits")[1]  # the demo card speaks of the demo data
+        assert "MIT License" in (with_ema / name / "LICENSE").read_text()
+        meta = card.data.to_dict()
+        assert "datasets" not in meta  # the demo is not a Hub dataset, whatever folder the card is written from
+        types = {(m["type"], m.get("config")) for r in meta["model-index"][0]["results"] for m in r["metrics"]}
+        assert types == {("accuracy", None), ("f1", "macro"), ("f1", "weighted")}  # 4 classes: no top-5
+
+
+def test_push_dry_run_shows_what_would_be_sent_offline(with_ema, monkeypatch, capsys):
+    def no_network():
+        raise AssertionError("a dry run must not create an HfApi client")
+
+    monkeypatch.setattr("crnn_art.hub.HfApi", no_network)
+    capsys.readouterr()
+    assert cli_main(["push", "--checkpoint", str(with_ema), "--repo-id", "someone/demo", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for name in ("model.safetensors", "config.json", "README.md", "LICENSE", "config.yaml"):
+        assert re.search(rf"^  {re.escape(name)}\s+[\d,]+ bytes$", out, re.M), name
+    assert "name: someone/demo" in out and "## Install and use" in out
+
+
+@pytest.mark.parametrize(("source", "dataset"), [("huggan/wikiart", "huggan/wikiart"), ("cases/a/folder", None),
+                                                 ("data/wikiart.parquet", None), ("./local/x", None),
+                                                 ("demo", None), ("artgan", None)])
+def test_card_metadata_names_a_hub_dataset_only_for_hub_ids(source, dataset):
+    from crnn_art.hub import hub_dataset_id
+
+    assert hub_dataset_id(source) == dataset

@@ -51,6 +51,38 @@ def test_metrics_equal_scikit_learn():
             (100 * prec[i], 100 * rec[i], 100 * f1[i], sup[i]))
 
 
+def test_one_class_set_for_every_averaged_metric_in_every_file(tmp_path):
+    """5 classes: 0-2 in the split, 3 absent but predicted once, 4 absent and never predicted. metrics.json and the
+    classification report average over the 3 present classes (sklearn's default would average over 4, a report
+    over all 5 over 5)."""
+    from crnn_art.reports import write_head_reports
+
+    y = np.array([0, 0, 1, 1, 2, 2])
+    p = np.array([0, 0, 1, 1, 2, 3])
+    logits = F.one_hot(torch.as_tensor(p), 5).float() * 4
+    m = head_metrics(logits, torch.as_tensor(y))
+    expected = 100 * (1 + 1 + 2 / 3) / 3  # class 2: precision 1, recall 1/2
+    assert m["macro_f1"] == pytest.approx(expected) and m["classes_evaluated"] == 3
+    assert m["weighted_f1"] == pytest.approx(expected)  # equal supports
+    names = ["a", "b", "c", "d", "e"]
+    write_head_reports(y, p, names, tmp_path)
+    report = (tmp_path / "classification_report.txt").read_text()
+    macro = next(line for line in report.splitlines() if line.strip().startswith("macro avg")).split()
+    assert float(macro[4]) == pytest.approx(expected / 100, abs=1e-4)
+    assert "d: predicted 1 times" in report and "e: predicted 0 times" in report
+
+
+@pytest.mark.parametrize(("classes", "applies"), [(2, False), (5, False), (6, True), (27, True)])
+def test_top5_is_not_applicable_to_heads_of_5_or_fewer_classes(classes, applies):
+    logits = torch.randn(20, classes, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(20) % classes
+    m = head_metrics(logits, labels)
+    assert (m["top5"] is not None) == applies
+    if applies:
+        assert m["top5"] == pytest.approx(100 * top_k_accuracy_score(labels.numpy(), logits.numpy(), k=5,
+                                                                     labels=range(classes)))
+
+
 def test_combined_metrics_skip_unknown_labels_and_report_joint_match():
     logits = {"style": torch.tensor([[3.0, 0], [0, 3.0], [3.0, 0]]),
               "artist": torch.tensor([[3.0, 0], [3.0, 0], [0, 3.0]])}
@@ -154,10 +186,38 @@ def test_outliers_and_explain_write_their_files(short_run, tmp_path, demo_dir):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 5 and [int(r["rank"]) for r in rows] == [1, 2, 3, 4, 5]
     assert float(rows[0]["score"]) >= float(rows[-1]["score"])
+    assert all(r["path"] == "" for r in rows)  # the demo holds image bytes only: the row id names the painting
     page = (tmp_path / "out" / "outliers.html").read_text()
-    assert page.count("data:image/png;base64,") == 10  # painting + attention overlay per card
+    assert page.count("data:image/png;base64,") == 5  # the attention overlay per card
+    assert page.count("data:image/jpeg;base64,") == 10  # the whole painting, small and larger
+    assert "overflow-wrap:anywhere" in page  # long flag text wraps inside its card
     image = tmp_path / "painting.png"
     Image.new("RGB", (70, 50), (200, 30, 30)).save(image)
     result = run_cli(["explain", "--checkpoint", str(short_run), str(image), "--output-dir", str(tmp_path / "att")])
     assert "painting.png" in result.stdout
     assert Image.open(tmp_path / "att" / "painting_attention.png").size == (64, 32)
+
+
+def test_outliers_of_an_image_folder_name_the_file_to_fix(tmp_path):
+    import json
+
+    from tests.standins.layouts import image_folder
+
+    root = image_folder(tmp_path / "paintings", split_dirs=False)
+    run = tmp_path / "run"
+    run_cli(["train", "--output-dir", str(run), f"--set=data.source={root}", "--set=data.image_size=32",
+             "--set=data.num_workers=0", "--set=model.backbone_weights=null", "--set=augment.mixup_prob=0",
+             "--set=augment.cutmix_prob=0", "--set=train.batch_size=8", "--set=train.epochs=1",
+             "--set=train.max_steps=2"])
+    run_cli(["outliers", "--checkpoint", str(run), "--split", "train", "--top", "4", "--output-dir",
+             str(tmp_path / "out")])
+    files = {str(p) for p in root.rglob("*.jpg")}
+    with open(tmp_path / "out" / "outliers.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and all(r["path"] in files for r in rows)
+    with open(tmp_path / "out" / "all_scores.csv", newline="") as fh:
+        assert all(r["path"] in files for r in csv.DictReader(fh))
+    listed = json.loads((tmp_path / "out" / "outliers.json").read_text())["outliers"]
+    assert [o["path"] for o in listed] == [r["path"] for r in rows]
+    page = (tmp_path / "out" / "outliers.html").read_text()
+    assert all(f"href='file://{r['path']}'" in page for r in rows)

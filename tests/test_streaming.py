@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from datasets import Image
 
 from crnn_art.config import resolve_config
-from crnn_art.mixing import soft_target_loss
+from crnn_art.mixing import one_hot_targets, soft_target_loss
 from crnn_art.sources import DataError, make_splits, open_source, read_splits, task_labels
 from crnn_art.streaming import balanced_class_weights, node_stream, plan_epochs
 from tests.conftest import read_history, read_json, run_cli, scratch
@@ -74,14 +74,19 @@ def test_each_process_reads_what_the_plan_says_and_no_row_twice(repo, world):
     assert orders[0] != orders[1]  # reshuffled each epoch
 
 
-def test_loss_weights_balance_classes_like_cross_entropy_weights():
+@pytest.mark.parametrize("smoothing", [0.0, 0.03, 0.1])
+def test_loss_weights_balance_classes_like_cross_entropy_weights(smoothing):
+    """Equal to PyTorch's definition: the smoothing term weighs each class by its own weight, and the mean
+    is over the weights of the true labels (an unknown label contributes nothing)."""
     labels = np.array([[0], [0], [0], [1], [-1]])
     weights = balanced_class_weights(labels, {"style": 3})["style"]
     torch.testing.assert_close(weights, torch.tensor([4 / 9, 4 / 3, 1.0]))  # N/(K*count); absent class 1
-    logits = torch.randn(4, 3)
-    targets = F.one_hot(torch.tensor([0, 0, 0, 1]), 3).float()
-    ours, _ = soft_target_loss({"style": logits}, targets, {"style": 3}, 0.0, {"style": weights})
-    torch.testing.assert_close(ours, F.cross_entropy(logits, torch.tensor([0, 0, 0, 1]), weight=weights))
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3)
+    targets = one_hot_targets(torch.tensor([[0], [0], [0], [1], [-1]]), [3])
+    ours, _ = soft_target_loss({"style": logits}, targets, {"style": 3}, smoothing, {"style": weights})
+    expected = F.cross_entropy(logits[:4], torch.tensor([0, 0, 0, 1]), weight=weights, label_smoothing=smoothing)
+    torch.testing.assert_close(ours, expected)
 
 
 def test_streaming_a_local_non_parquet_source_is_a_one_line_error(demo_dir):
@@ -115,7 +120,7 @@ def test_two_processes_stream_uneven_shards_with_equal_steps_and_no_row_twice(re
     assert metrics["num_samples"] == len(read_splits(run / "split.json")["validation"])
     # evaluation of a streamed run reads the test split once from the stream, on both processes
     run_cli(["evaluate", "--checkpoint", str(run), "--split", "test"], processes=2)
-    evaluated = read_json(run / "eval_test" / "metrics.json")
+    evaluated = read_json(run / "eval_test_best" / "metrics.json")
     assert evaluated["num_samples"] == len(read_splits(run / "split.json")["test"])
     assert len(list((run / "streamed").glob("test-*"))) == 1
     run_cli(["outliers", "--checkpoint", str(run), "--split", "validation", "--top", "3"])
