@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crnn_art.config import ConfigError
+from crnn_art.errors import ConfigError
 
 TARGETS = {"crnn_vs_resnet50_step_time": 1.10, "pipeline_speedup_vs_seed": 4.0, "outlier_scoring_seconds": 5.0}
 
@@ -193,11 +193,12 @@ def bench_jpeg_decode(device: torch.device, originals: list[bytes], batch: int =
     PIL's draft-mode decode (to the 384 px recipe's needs) in one CPU process, as a worker does it."""
     from torchvision.io import decode_jpeg
 
-    from crnn_art.decoding import decode_image
+    from crnn_art.data.decoding import decode_image
+    from crnn_art.data.transforms import decode_min_side
 
     data = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in originals[:batch]]
     data = (data * (batch // len(data) + 1))[:batch]
-    min_side = _worker_min_side(384)
+    min_side = decode_min_side(384, 0.7)
     pil_rate = _per_image_rate(lambda d: decode_image({"bytes": d, "path": None}, min_side), originals[:batch])
     seconds = _timed(lambda: decode_jpeg(data, device=device), 3, warmup=1, device=device)
     return {"device": str(device), "batch": batch, "decode_jpeg_images_per_s": batch / seconds,
@@ -236,13 +237,6 @@ def _large_jpegs(n: int, w: int = 1600, h: int = 1280) -> list[bytes]:
     return out
 
 
-def _worker_min_side(size: int) -> int:
-    """The short side a worker decodes to for a ``size`` crop: eval resize, or the smallest crop scale (0.7)."""
-    from crnn_art.transforms import eval_resize
-
-    return max(eval_resize(size), int(np.ceil(size / np.sqrt(0.7))))
-
-
 def _per_image_rate(fn: Callable[[bytes], Any], images: list[bytes]) -> float:
     """Images/s of ``fn`` over ``images`` in this process, after one warm-up call."""
     fn(images[0])
@@ -253,9 +247,9 @@ def _per_image_rate(fn: Callable[[bytes], Any], images: list[bytes]) -> float:
 
 
 def _shrink(data: bytes, short_side: int = 512) -> bytes:
-    from crnn_art.prepare import _resize_jpeg
+    from crnn_art.data.prepare import resize_jpeg
 
-    resized, _ = _resize_jpeg({"bytes": data, "path": None}, short_side, 90)
+    resized, _ = resize_jpeg({"bytes": data, "path": None}, short_side, 90)
     return resized
 
 
@@ -267,8 +261,8 @@ def bench_pipeline(originals: list[bytes], workers: int, size: int = 384,
     from torchvision import transforms as v1
 
     from crnn_art.config import AugmentConfig
-    from crnn_art.decoding import decode_image
-    from crnn_art.transforms import train_transform, worker_transform
+    from crnn_art.data.decoding import decode_image
+    from crnn_art.data.transforms import decode_min_side, train_transform, worker_transform
 
     device = device or torch.device("cpu")
     prepared = [_shrink(d) for d in originals]
@@ -278,7 +272,7 @@ def bench_pipeline(originals: list[bytes], workers: int, size: int = 384,
         v1.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), v1.RandomErasing(p=0.2),
     ])
     ours = train_transform(size, AugmentConfig())
-    min_side = _worker_min_side(size)
+    min_side = decode_min_side(size, 0.7)
     cpu = torch.device("cpu")
     _reset_peak(cpu)
     seed_rate = _per_image_rate(lambda d: seed(Image.open(io.BytesIO(d)).convert("RGB")), originals)
@@ -300,7 +294,7 @@ def bench_pipeline(originals: list[bytes], workers: int, size: int = 384,
 def _device_augment_rate(device: torch.device, size: int, batch: int = 32, reps: int = 3) -> dict[str, Any]:
     """What ``augment.on_device`` costs where the model runs: jitter + normalise + erase of a uint8 batch."""
     from crnn_art.config import AugmentConfig
-    from crnn_art.transforms import DeviceAugment
+    from crnn_art.data.transforms import DeviceAugment
 
     augment = DeviceAugment(AugmentConfig())
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
@@ -314,9 +308,9 @@ def _loader_rate(prepared: list[bytes], workers: int, size: int) -> float:
     from datasets import Image as ImageFeature
 
     from crnn_art.config import AugmentConfig
-    from crnn_art.loaders import PaintingDataset, train_loader
-    from crnn_art.sampling import GlobalDrawBatchSampler
-    from crnn_art.transforms import eval_resize, train_transform
+    from crnn_art.data.loaders import PaintingDataset, train_loader
+    from crnn_art.data.sampling import GlobalDrawBatchSampler
+    from crnn_art.data.transforms import eval_resize, train_transform
 
     reps = max(1, 256 // len(prepared))
     cells = [{"bytes": d, "path": None} for d in prepared] * reps
@@ -337,7 +331,14 @@ def _loader_rate(prepared: list[bytes], workers: int, size: int) -> float:
 
 
 def bench_outliers(n: int = 80_000, dim: int = 3072, classes: int = 27) -> dict[str, Any]:
-    from crnn_art.outliers import centroids_from_sums, class_sums, gather_references, knn_agreement, project, score_head
+    from crnn_art.evaluation.outliers import (
+        centroids_from_sums,
+        class_sums,
+        gather_references,
+        knn_agreement,
+        project,
+        score_head,
+    )
 
     gen = torch.Generator().manual_seed(0)
     z = F.normalize(torch.randn(n, dim, generator=gen), dim=1)
@@ -420,62 +421,3 @@ def run_bench(device: str = "cpu", size: int = 224, batch: int = 16, steps: int 
         "outlier_scoring_seconds": report["summary"]["outlier_scoring_seconds"] < TARGETS["outlier_scoring_seconds"],
     }
     return report
-
-
-def print_report(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(highlight=False)
-    s = report["settings"]
-    table = Table(title=f"crnn-art bench on {report['machine']['device']} ({report['machine']['cpu_cores']} cores), "
-                        f"{s['image_size']} px, batch {s['batch']}, precision {s['precision']}")
-    table.add_column("what")
-    table.add_column("figure", justify="right")
-    table.add_column("peak MB", justify="right")
-    for layout, r in report["training"].items():
-        table.add_row(f"train step CRNN ({layout})", f"{r['crnn']['images_per_s']:.1f} img/s",
-                      f"{r['crnn']['peak_mb']:.0f}")
-        table.add_row(f"train step ResNet-50 ({layout})", f"{r['resnet50']['images_per_s']:.1f} img/s",
-                      f"{r['resnet50']['peak_mb']:.0f}")
-        table.add_row(f"  CRNN / ResNet-50 step time ({layout})", f"{r['ratio']:.3f}x", "")
-        table.add_row(f"evaluation CRNN ({layout})", f"{r['eval']['images_per_s']:.1f} img/s",
-                      f"{r['eval']['peak_mb']:.0f}")
-    if "compile" in report:
-        c = report["compile"]
-        table.add_row("train step CRNN, trunk compiled / eager",
-                      f"{c['compiled']['images_per_s']:.1f} / {c['eager']['images_per_s']:.1f} img/s "
-                      f"({c['speedup']:.2f}x)", f"{c['compiled']['peak_mb']:.0f}")
-        payback = f"{c['payback_steps']:.0f} steps" if c["payback_steps"] is not None else "never"
-        table.add_row("  one-off compile time (paid back after)", f"{c['compile_s']:.1f} s ({payback})", "")
-    opt = report["optimizer"]
-    table.add_row(f"AdamW step, {opt['parameters'] / 1e6:.1f} M parameters: for-each / fused",
-                  f"{opt['foreach_step_ms']:.1f} / {opt['fused_step_ms']:.1f} ms ({opt['fused_speedup']:.2f}x)", "")
-    p = report["pipeline"]
-    table.add_row("pipeline: seed (PIL full decode 1600x1280 + v1 @384)", f"{p['seed_images_per_s']:.1f} img/s", "")
-    table.add_row("pipeline: crnn-art (draft decode + v2)", f"{p['draft_decode_images_per_s']:.1f} img/s "
-                  f"({p['speedup_draft']:.2f}x)", "")
-    table.add_row("pipeline: crnn-art on 512 px prepared", f"{p['prepared_512_images_per_s']:.1f} img/s "
-                  f"({p['speedup_prepared']:.2f}x)", f"{p['peak_mb']:.0f}")
-    table.add_row("pipeline: worker share with augment.on_device (decode + crop + flip, 512 px prepared)",
-                  f"{p['worker_on_device_images_per_s']:.1f} img/s ({p['speedup_worker_on_device']:.2f}x)", "")
-    d = p["device_augment"]
-    table.add_row(f"  device share: jitter + normalise + erase on {d['device']} (batch {d['batch']})",
-                  f"{d['images_per_s']:.1f} img/s", "")
-    j = report["jpeg_decode"]
-    table.add_row(f"JPEG decode 1600x1280: decode_jpeg on {j['device']} (batch {j['batch']}) / PIL draft, 1 process",
-                  f"{j['decode_jpeg_images_per_s']:.1f} / {j['pil_draft_images_per_s']:.1f} img/s "
-                  f"({j['ratio']:.2f}x)", "")
-    table.add_row(f"DataLoader, {p['loader_workers']} workers, prepared", f"{p['loader_images_per_s']:.1f} img/s", "")
-    o = report["outliers"]
-    table.add_row(f"outlier scoring {o['samples']:,} x {o['dim']}, {o['classes']} classes, "
-                  f"{o['references']:,} neighbour references", f"{o['seconds']:.2f} s",
-                  f"{o['peak_mb']:.0f}")
-    console.print(table)
-    if "model_flop_utilisation" in report["summary"]:
-        console.print(f"model FLOP utilisation: {100 * report['summary']['model_flop_utilisation']:.1f} % "
-                      f"({report['summary']['achieved_tflops']:.1f} TFLOP/s)")
-    for key, ok in report["meets_targets"].items():
-        mark = "[green]meets[/]" if ok else "[red]misses[/]"
-        console.print(f"{key}: {report['summary'][key]:.3f} (target {TARGETS[key]}) {mark}")
-

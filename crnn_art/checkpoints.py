@@ -19,8 +19,8 @@ from accelerate.utils import load
 from safetensors.torch import load_file, save_file
 
 from crnn_art.config import RunConfig, check_resume_config, load_run_config
-from crnn_art.errors import first_line
-from crnn_art.model import WEIGHTS_NAME, CRNNArtClassifier, ModelLoadError
+from crnn_art.errors import CheckpointError, ModelLoadError, first_line
+from crnn_art.model import WEIGHTS_NAME, CRNNArtClassifier
 from crnn_art.runs import writing
 
 HISTORY = "history.jsonl"
@@ -143,10 +143,6 @@ FORMAT = 2
 """Checkpoint format: 2 = the run's own state as JSON and safetensors, nothing of it pickled."""
 
 
-class CheckpointError(RuntimeError):
-    """A training checkpoint that is missing, incomplete or altered; the message says what to use instead."""
-
-
 class TrainState:
     """Where the run is, saved with every checkpoint (as JSON: nothing in a checkpoint executes code on resume).
 
@@ -163,6 +159,12 @@ class TrainState:
         self.nonfinite_steps = 0
         self.scaler_skips = 0
         self.data_skipped_steps = 0
+        self.nonfinite_in_row = 0
+        """Consecutive non-finite steps so far (``train.max_bad_steps`` stops the run)."""
+        self.images_drawn = 0
+        self.images_failed = 0
+        """Training images drawn and undecodable since the run started, or since it stopped for too many of
+        them (``data.max_bad_fraction``), all processes."""
         self.tracker_run_id: str | None = None
         # the epoch in progress, so that a resumed epoch's history line equals the uninterrupted one's
         self.epoch_loss_sum = 0.0

@@ -10,24 +10,26 @@ import time
 import traceback
 from pathlib import Path
 
-from crnn_art.checkpoints import CheckpointError
-from crnn_art.config import ConfigError, available_presets, load_run_config, resolve_config
-from crnn_art.hub import HubError
-from crnn_art.model import ModelLoadError
-from crnn_art.runs import RunFolderError
-from crnn_art.runtime import LaunchError, report_exit, stop_worker_processes
-from crnn_art.sources import DataError
+from crnn_art import __version__
+from crnn_art.config import available_presets, load_run_config, resolve_config
+from crnn_art.errors import CrnnArtError, DataError, TrainingStopped
+from crnn_art.exits import report_exit, stop_worker_processes
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, LaunchError, CheckpointError, RunFolderError, HubError)
+SPLITS = ("train", "validation", "test")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crnn-art", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"crnn-art {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="print the full traceback of an unexpected error (always saved to a log file)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a model (config: preset <- --config file <- --set overrides)")
+    train = sub.add_parser(
+        "train", help="train a model (config: preset <- --config file <- --set overrides)",
+        description="Train a model. The config is a preset, then a YAML --config file, then --set KEY=VALUE "
+                    "overrides; `crnn-art train --preset NAME --print-config` prints every key with its value, and "
+                    "docs/configuration.md describes each one.")
     train.add_argument("--preset", default=None,
                        help=f"one of: {', '.join(available_presets())} (default: demo; with --resume: the run's own)")
     train.add_argument("--config", help="a YAML file with data/model/augment/train sections")
@@ -41,23 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="metrics of a trained model on a split of its run's data")
     ev.add_argument("--checkpoint", required=True, help="a run folder, or its best/ or last/ folder")
-    ev.add_argument("--split", default="test", help="train, validation or test (default: test)")
+    ev.add_argument("--split", default="test", choices=SPLITS, help="the split to evaluate (default: test)")
     ev.add_argument("--output-dir", default=None,
                     help="where metrics.json and the reports go (default: RUN/eval_<split>_<model>, "
                          "e.g. eval_test_best)")
-    ev.add_argument("--batch-size", type=int, default=None, help="per-process evaluation batch")
+    ev.add_argument("--batch-size", type=int, default=None,
+                    help="per-process evaluation batch (default: the run's train.eval_batch_size)")
 
-    out = sub.add_parser("outliers", help="rank the paintings whose label does not fit (SPEC §5)")
+    out = sub.add_parser("outliers", help="rank the paintings whose label does not fit")
     out.add_argument("--checkpoint", required=True, help="a run folder, or its best/ or last/ folder")
-    out.add_argument("--split", default="train", help="train (default: where wrong labels hurt), validation, test")
+    out.add_argument("--split", default="train", choices=SPLITS,
+                     help="the split to score (default: train, where wrong labels hurt)")
     out.add_argument("--top", type=int, default=50, help="how many to select with --select top (default 50)")
-    out.add_argument("--select", default="top", help="top (the --top highest scores), threshold, or zscore")
+    out.add_argument("--select", default="top", choices=("top", "threshold", "zscore"),
+                     help="top (the --top highest scores), threshold, or zscore")
     out.add_argument("--threshold", type=float, default=None, help="with --select threshold: minimum score")
     out.add_argument("--z", type=float, default=3.5, help="with --select zscore: per-class robust z-score (3.5)")
     out.add_argument("--known-wrong", default=None,
                      help="CSV with a 'row' column of known wrong labels: measure the scorers (demo: automatic)")
     out.add_argument("--output-dir", default=None, help="default: RUN/outliers_<split>")
-    out.add_argument("--batch-size", type=int, default=None)
+    out.add_argument("--batch-size", type=int, default=None,
+                     help="per-process batch (default: the run's train.eval_batch_size)")
 
     pr = sub.add_parser("prepare", help="convert a source once into resized JPEG shards (fast to train on)")
     pr.add_argument("--source", required=True, help="what data.source would be: a Hub id, folder, artgan, demo")
@@ -80,17 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     pd = sub.add_parser("predict", help="top-k classes per head for images, folders or lists of paths")
     pd.add_argument("--model", required=True, help="a run folder, a best/ or last/ folder, or a Hub id")
     pd.add_argument("paths", nargs="+", help="image files, folders (recursive), or .txt files of paths")
-    pd.add_argument("--top-k", type=int, default=5)
-    pd.add_argument("--batch-size", type=int, default=16)
+    pd.add_argument("--top-k", type=int, default=5, help="classes shown per head (default 5)")
+    pd.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     pd.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     pd.add_argument("--heatmaps", default=None, metavar="OUT", help="also save attention overlays into OUT")
 
     be = sub.add_parser("bench", help="speed and memory figures: model step vs ResNet-50, input pipeline, outliers")
-    be.add_argument("--device", default="cpu", help="cpu or cuda")
-    be.add_argument("--image-size", type=int, default=224)
+    be.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to measure (default: cpu)")
+    be.add_argument("--image-size", type=int, default=224, help="input side in px (default 224)")
     be.add_argument("--batch", type=int, nargs="+", default=[16], help="one or more batch sizes")
     be.add_argument("--steps", type=int, default=7, help="timed steps per measurement (median)")
-    be.add_argument("--precision", default="no", help="no, bf16 or fp16")
+    be.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"),
+                    help="mixed precision (default: no)")
     be.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores, at most 8)")
     be.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's peak TFLOP/s at this precision, to report model FLOP utilisation")
@@ -122,23 +129,20 @@ def _refresh_card(checkpoint: str, split: str) -> None:
 def _predict(args: argparse.Namespace) -> int:
     import json
 
-    from rich.console import Console
-    from rich.progress import Progress
-
-    from crnn_art.predict import collect_paths, load_model, predict_images
-    from crnn_art.sources import IMAGE_EXTENSIONS
+    from crnn_art.console import make_console, make_progress
+    from crnn_art.data.schema import IMAGE_EXTENSIONS
+    from crnn_art.inference import collect_paths, load_model, predict_images
 
     model = load_model(args.model)
     paths = collect_paths(args.paths)
     if not paths:
-        from crnn_art.sources import DataError
 
         raise DataError(f"no images found in {', '.join(args.paths)} (looked for {', '.join(IMAGE_EXTENSIONS)} "
                         "files, recursively in folders); give image files, folders or .txt lists of paths")
     errors = 0
-    console = Console(stderr=True, highlight=False)
-    with Progress(console=console, transient=True, disable=args.json) as progress:
-        task = progress.add_task("predict", total=len(paths))
+    console = make_console(stderr=True)
+    with make_progress(console, enabled=not args.json) as progress:
+        task = progress.add_task("predict", total=len(paths), status="")
         for result in predict_images(model, paths, args.top_k, args.batch_size, args.heatmaps):
             progress.advance(task)
             if "error" in result:
@@ -164,17 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except USER_ERRORS as exc:
-        return report_exit(2, f"crnn-art: error: {exc}")
+    except TrainingStopped as exc:  # every process stops alike: the main process says so
+        return report_exit(exc.exit_code, f"crnn-art: {exc}", every_rank=False)
+    except CrnnArtError as exc:
+        return report_exit(exc.exit_code, f"crnn-art: error: {exc}")
     except KeyboardInterrupt:
         return report_exit(130, "crnn-art: interrupted")
     except Exception as exc:
-        from crnn_art.training import NonFiniteLoss, TrainingStopped
-
-        if isinstance(exc, TrainingStopped):
-            return report_exit(exc.exit_code, f"crnn-art: {exc}", every_rank=False)
-        if isinstance(exc, NonFiniteLoss):
-            return report_exit(3, f"crnn-art: error: {exc}")
         return report_exit(1, _unexpected(exc, args.debug or os.environ.get("CRNN_ART_DEBUG") == "1"))
 
 
@@ -211,21 +211,22 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
-        from crnn_art.training import train
+        from crnn_art.training.loop import train
 
         train(cfg, output_dir, resume=args.resume)
     elif args.command == "evaluate":
-        from crnn_art.evaluation import evaluate_checkpoint
+        from crnn_art.evaluation.evaluate import evaluate_checkpoint
 
         evaluate_checkpoint(args.checkpoint, args.split, args.output_dir, args.batch_size)
-        _refresh_card(args.checkpoint, args.split)
+        if args.output_dir is None:  # a card reads only the run's own eval_* folders
+            _refresh_card(args.checkpoint, args.split)
     elif args.command == "outliers":
-        from crnn_art.outliers import find_outliers
+        from crnn_art.evaluation.outliers import find_outliers
 
         find_outliers(args.checkpoint, args.split, args.top, args.select, args.threshold, args.z,
                       args.output_dir, args.known_wrong, args.batch_size)
     elif args.command == "prepare":
-        from crnn_art.prepare import prepare
+        from crnn_art.data.prepare import prepare
 
         cfg = resolve_config(None, None, [f"data.source={args.source}", *args.overrides])
         prepare(cfg.data, args.output_dir, args.short_side, args.quality, args.num_proc, args.shard_size)
@@ -250,7 +251,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> None:
     import json
 
-    from crnn_art.bench import print_report, run_bench
+    from crnn_art.bench import run_bench
+    from crnn_art.console import make_console, print_bench_report
 
     reports = [run_bench(args.device, args.image_size, b, args.steps, args.precision, workers=args.workers,
                          quick=args.quick, peak_tflops=args.peak_tflops, compile_trunk=args.compile)
@@ -258,13 +260,14 @@ def _bench(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     else:
+        console = make_console()
         for report in reports:
-            print_report(report)
+            print_bench_report(console, report, report["targets"])
 
 
 def _explain(args: argparse.Namespace) -> None:
-    from crnn_art.attention import explain_images
     from crnn_art.checkpoints import load_model_folder
+    from crnn_art.inference import explain_images
 
     for item in explain_images(load_model_folder(args.checkpoint), args.images, args.output_dir):
         if "error" in item:

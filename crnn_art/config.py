@@ -1,4 +1,4 @@
-"""Typed run configuration: dataclass defaults (the SPEC §3 recipe), YAML presets, CLI overrides.
+"""Typed run configuration: dataclass defaults (the recipe of docs/model-and-recipe.md), YAML presets, CLI overrides.
 
 Everything is resolved and validated before any data is touched or any model is built, so a typo
 in ``--set train.epoch=3`` costs a second, not a generated dataset and a crashed first epoch.
@@ -19,15 +19,13 @@ from typing import Any
 
 import yaml
 
+from crnn_art.errors import ConfigError
+
 TASKS = ("style", "genre", "artist", "combined")
 HEADS_OF_TASK = {"style": ("style",), "genre": ("genre",), "artist": ("artist",),
                  "combined": ("style", "genre", "artist")}
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
-
-
-class ConfigError(ValueError):
-    """A config problem; the message is one line naming the key and what is allowed."""
 
 
 @dataclass
@@ -38,17 +36,24 @@ class DataConfig:
     """'demo', 'artgan', a Hub dataset id, a parquet file, or a local folder: save_to_disk, prepared
     shards (``crnn-art prepare``), parquet files in the Hub's layout, or an image folder."""
     revision: str | None = None
+    """Hub dataset revision (branch, tag or commit) to read; null = the default branch."""
     streaming: bool = False
     """Read a Hub id or parquet files as a stream instead of downloading and caching them first."""
     shuffle_buffer: int = 1000
     """Streaming: rows each DataLoader worker holds to shuffle from (raw JPEG bytes, ~0.3 GB for WikiArt)."""
     task: str = "style"
+    """What to learn: style, genre, artist, or combined (all three heads at once)."""
     image_size: int = 384
     """Training crop side; evaluation resizes the short side to 416/384 of it, then centre-crops."""
     val_fraction: float = 0.15
+    """Share of the rows held out for validation (model selection), when the source has no splits of its own."""
     test_fraction: float = 0.15
+    """Share of the rows held out for the final test, when the source has no splits of its own."""
     split_seed: int = 0
+    """Seed of the split: each row's split is a hash of (split_seed, row id), so it never depends on the order of
+    rows."""
     min_artist_count: int = 1
+    """Artists with fewer paintings than this are left out of the artist head (their rows keep their other labels)."""
     artist_list: str | None = None
     """'artgan': keep only the 23 artists of the ArtGAN protocol; null: every known artist."""
     folder_label: str | None = None
@@ -59,18 +64,26 @@ class DataConfig:
     """data.source=artgan: the folder with <task>_train_clean.csv, <task>_val_clean.csv, <task>_class.txt."""
     image_root: str | None = None
     """data.source=artgan: the root the lists' relative image paths start from."""
-    num_workers: int = 4
+    num_workers: int | None = None
+    """DataLoader worker processes per training process (decode and augment in parallel); 0 = in the training
+    process; null = half of the process's cores, at most 4 (its threads: its share of the cores)."""
     max_bad_fraction: float = 0.1
     """Stop the run when more than this share of the training images drawn fail to decode (each failure is
     skipped, counted and listed in ``RUN/bad_images.tsv``); 0 stops at the first, 1 never stops."""
     log_rows: bool = False
     """Write the row ids each process trained on, per epoch, to ``<run>/rows/`` (to audit what was seen)."""
     demo_dir: str = "data/demo"
+    """data.source=demo: where the generated demo dataset is written (reused when its parameters match)."""
     demo_size: int = 1600
+    """data.source=demo: number of generated paintings."""
     demo_image_side: int = 96
+    """data.source=demo: side (px) of the generated paintings."""
     demo_styles: int = 8
+    """data.source=demo: number of styles drawn (at most 8)."""
     demo_noise: float = 0.03
+    """data.source=demo: share of paintings given a wrong style on purpose (what `crnn-art outliers` should find)."""
     demo_seed: int = 0
+    """data.source=demo: seed of the generator."""
 
 
 @dataclass
@@ -78,10 +91,15 @@ class ModelConfig:
     backbone_weights: str | None = "imagenet"
     """'imagenet' (torchvision IMAGENET1K_V2), a local ResNet-50 file, or null (random init)."""
     proj_channels: int = 320
+    """Channels of the 1x1 projection of the ResNet-50 feature map (2048) before the GRUs."""
     gru_hidden: int = 256
+    """Hidden size of each direction of the row and column GRUs."""
     gru_layers: int = 2
+    """Stacked layers of each bidirectional GRU."""
     gru_dropout: float = 0.2
+    """Dropout between stacked GRU layers."""
     dropout: float = 0.4
+    """Dropout on the pooled embedding before the linear heads."""
     channels_last: bool = True
     """NHWC memory layout for the convolutions (faster on recent GPUs and on CPUs with oneDNN; see bench)."""
     compile_trunk: bool = False
@@ -93,16 +111,27 @@ class ModelConfig:
 @dataclass
 class AugmentConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.7, 1.0])
+    """RandomResizedCrop: range of the crop's area as a share of the painting."""
     crop_ratio: list[float] = field(default_factory=lambda: [0.85, 1.15])
+    """RandomResizedCrop: range of the crop's aspect ratio (narrow, to keep composition)."""
     hflip: float = 0.5
+    """Probability of a horizontal flip."""
     color_jitter: list[float] = field(default_factory=lambda: [0.12, 0.12, 0.10, 0.03])
+    """ColorJitter brightness, contrast, saturation, hue (small: colour carries style)."""
     erase_prob: float = 0.2
+    """Probability of RandomErasing one rectangle."""
     erase_scale: list[float] = field(default_factory=lambda: [0.02, 0.12])
+    """RandomErasing: range of the erased area as a share of the crop."""
     erase_ratio: list[float] = field(default_factory=lambda: [0.3, 3.3])
+    """RandomErasing: range of the erased rectangle's aspect ratio."""
     mixup_prob: float = 0.35
+    """Probability that a batch is mixed with MixUp (one draw per batch; MixUp, CutMix or neither)."""
     cutmix_prob: float = 0.35
+    """Probability that a batch is mixed with CutMix."""
     mixup_alpha: float = 0.3
+    """MixUp's Beta(alpha, alpha) for the mixing weight."""
     cutmix_alpha: float = 1.0
+    """CutMix's Beta(alpha, alpha) for the box area."""
     on_device: bool | None = None
     """Colour jitter, normalisation and erasing on the training device (workers only decode, crop, flip).
     null: on when training on a GPU (where ``crnn-art bench`` shows it pays), off on CPUs."""
@@ -111,24 +140,35 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 20
+    """Passes over the training split (class-balanced draws of its size when train.balanced_sampling)."""
     max_steps: int | None = None
     """Stop cleanly after this many optimizer steps; the LR schedule still spans all epochs."""
     batch_size: int = 64
     """Global batch: split evenly over processes."""
     eval_batch_size: int = 64
+    """Evaluation batch per process."""
     seed: int = 0
+    """Seed of the initial weights, the draw of batches, augmentation, dropout and mixing."""
     lr: float = 8e-4
     """Learning rate of the new modules (projection, GRUs, attention, heads)."""
     backbone_lr: float = 1.5e-4
+    """Learning rate of the pretrained ResNet-50 trunk (lower: it is already good)."""
     weight_decay: float = 1e-4
+    """AdamW's decoupled weight decay."""
     min_lr: float = 1e-6
+    """Floor of the cosine schedule, reached at the end of the last epoch."""
     label_smoothing: float = 0.03
+    """Label smoothing of the cross-entropy (PyTorch's definition)."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 = no clipping (the norm is still checked for inf/NaN)."""
     freeze_stem: bool = True
+    """Keep the ResNet stem (conv1, bn1) fixed: its generic edge filters need no retraining."""
     unfreeze_epoch: int | None = None
     """1-based epoch from which the stem trains too; null keeps it frozen for the whole run."""
     balanced_sampling: bool = True
+    """Draw training batches class-balanced (with replacement), so rare styles are seen as often as common ones."""
     mixed_precision: str = "auto"
+    """auto (bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on CPUs), no, bf16 or fp16."""
     grad_accum_steps: int = 1
     """Split each global batch into this many micro-batches per process (same result, less memory)."""
     fused_adamw: bool | None = None
@@ -143,9 +183,11 @@ class TrainConfig:
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss (each is skipped)."""
     log_every: int = 10
+    """Log the training loss and learning rate every this many optimizer steps."""
     log_with: str = "none"
     """Experiment tracker through Accelerate: none, tensorboard, wandb, trackio, mlflow, comet_ml, aim..."""
     project_name: str = "crnn-art"
+    """Tracker project name (a folder under the run for tensorboard)."""
 
 
 @dataclass
@@ -153,6 +195,7 @@ class HubConfig:
     push_to_hub: str | None = None
     """USER/NAME: push best/ (with a generated model card) when training ends; null = don't."""
     private: bool = False
+    """Create the Hub repository private (hub.push_to_hub)."""
     revision: str | None = None
     """A branch to push to (created if needed); null = main."""
 
@@ -341,7 +384,8 @@ def validate(cfg: RunConfig) -> None:
              "data.source=artgan needs both folders", (d.lists_dir, d.image_root))
     need(d.shuffle_buffer >= 1, "data.shuffle_buffer", "use an integer >= 1 (rows held to shuffle a stream)",
          d.shuffle_buffer)
-    need(d.num_workers >= 0, "data.num_workers", "use 0 (load in the main process) or more", d.num_workers)
+    need(d.num_workers is None or d.num_workers >= 0, "data.num_workers",
+         "use null (from the cores), 0 (load in the main process) or more", d.num_workers)
     need(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "use a share between 0 and 1, e.g. 0.1",
          d.max_bad_fraction)
     need(d.demo_size >= 40, "data.demo_size", "generate at least 40 rows", d.demo_size)
@@ -455,3 +499,50 @@ def load_run_config(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"{path} does not exist; is this a crnn-art run folder?")
     return build_config(_read_yaml(path.read_text(), str(path)))
+
+
+# -- the reference page (docs/configuration.md is this function's output; a test keeps them equal) ---------------
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "augment": AugmentConfig, "train": TrainConfig, "hub": HubConfig}
+
+
+def key_docs() -> dict[str, str]:
+    """``section.key`` -> the attribute docstring written under it in this file ('' where there is none)."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    for section, cls in SECTIONS.items():
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for node, after in zip(body, [*body[1:], None], strict=True):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                text = ""
+                if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                        and isinstance(after.value.value, str):
+                    text = " ".join(after.value.value.split())
+                docs[f"{section}.{node.target.id}"] = text
+    return docs
+
+
+def config_reference() -> str:
+    """Every key, its default and what it does, as Markdown (written to docs/configuration.md)."""
+    defaults = flat_config(RunConfig().to_dict())
+    lines = ["# Configuration reference", "",
+             "Every key of a run's config, its default and what it does. A run's config is a preset "
+             f"({', '.join(available_presets())}), then a YAML file (`--config`), then `--set KEY=VALUE` overrides; "
+             "`crnn-art train --preset NAME --print-config` prints the result. Every value is checked before any "
+             "data is read; a wrong key or value is one line naming it and what is allowed. Keys a resume may "
+             "change are marked *resume*.", "",
+             "This page is generated from `crnn_art/config.py` (`python -c \"import crnn_art.config as c; "
+             "print(c.config_reference(), end='')\" > docs/configuration.md`); a test keeps it current.", ""]
+    docs = key_docs()
+    for section in SECTIONS:
+        lines += [f"## {section}", "", "| key | default | what |", "| --- | --- | --- |"]
+        for key, doc in docs.items():
+            if key.startswith(section + "."):
+                value = defaults[key]
+                shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+                mark = " *resume*" if key in RESUME_SAFE_KEYS else ""
+                lines.append(f"| `{key}` | `{shown}` | {doc.replace('|', '/')}{mark} |")
+        lines.append("")
+    return "\n".join(lines)

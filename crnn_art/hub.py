@@ -9,6 +9,7 @@ The pushed repository is a ``save_pretrained`` folder (``config.json`` with head
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,8 +20,10 @@ from huggingface_hub.repocard_data import EvalResult
 
 from crnn_art.checkpoints import read_history
 from crnn_art.config import load_run_config
-from crnn_art.errors import first_line
-from crnn_art.evaluation import METRIC_KEYS, find_evaluation, fmt
+from crnn_art.console import fmt
+from crnn_art.errors import HubError, first_line
+from crnn_art.evaluation.evaluate import find_evaluation
+from crnn_art.evaluation.metrics import METRIC_KEYS
 
 WIKIART_LIMITS = """\
 - **Label noise and bias.** WikiArt's labels are crowd-curated; styles overlap (Impressionism vs
@@ -78,15 +81,21 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def hub_dataset_id(source: str) -> str | None:
+def hub_dataset_id(source: str, recorded: bool | None = None) -> str | None:
     """``owner/name`` when the run's ``data.source`` was a Hub dataset id, else None (demo, artgan, a local path).
 
-    Judged from the text alone, so that the card does not depend on the folder it is written from."""
+    ``recorded`` is what training found where it ran (``split.json``'s ``hub_dataset``: the source was not a local
+    path there); the text decides for older runs, never the folder the card is written from."""
     import re
 
     if source in ("demo", "artgan") or source.startswith((".", "/", "~")) or source.endswith(".parquet"):
         return None
-    return source if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) and not Path(source).is_dir() else None
+    return source if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) and recorded is not False else None
+
+
+def is_wikiart(source: str) -> bool:
+    """The run trained on WikiArt (the ArtGAN lists or a source named after it): the card's WikiArt tag and limits."""
+    return source == "artgan" or "wikiart" in source.lower()
 
 
 def _yes_no(value: bool) -> str:
@@ -108,12 +117,14 @@ def _results(per_head: dict[str, dict], dataset_id: str | None, dataset_name: st
     return results
 
 
-def model_card(run_dir: str | Path, model_dir: str | Path, repo_id: str | None = None) -> ModelCard:
+def model_card(run_dir: str | Path, model_dir: str | Path, repo_id: str | None = None,
+               staged: bool = False) -> ModelCard:
     """The card of one model folder: YAML metadata (model-index results) and the prose a user needs.
 
     Its figures belong to exactly these weights: the newest test-split evaluation whose SHA-256 matches
     ``model.safetensors`` (``crnn-art evaluate``), else the validation figures saved with the folder, and
-    the card then says that the test split was not evaluated.
+    the card then says that the test split was not evaluated. ``staged``: the card goes into an upload folder
+    beside a copy of the evaluation's reports (else it links to them in the run).
     """
     run_dir, model_dir = Path(run_dir), Path(model_dir)
     cfg = load_run_config(run_dir / "config.yaml")
@@ -122,25 +133,29 @@ def model_card(run_dir: str | Path, model_dir: str | Path, repo_id: str | None =
     found = find_evaluation(run_dir, model_dir, "test")
     metrics = found[0] if found else training.get("metrics") or {}
     split = "test" if found else "validation"
-    dataset_id = hub_dataset_id(cfg.data.source)
+    recorded = (_read_json(run_dir / "split.json") or {}).get("hub_dataset")
+    dataset_id = hub_dataset_id(cfg.data.source, recorded)
     dataset_name = {"demo": "crnn-art demo (generated)", "artgan": "WikiArt, ArtGAN protocol"}.get(
         cfg.data.source, dataset_id or Path(cfg.data.source).name)
     heads = list(config["heads"])
     per_head = metrics.get("heads") or ({heads[0]: metrics} if metrics else {})
     data = ModelCardData(
         library_name="crnn-art", license="mit", pipeline_tag="image-classification",
-        tags=["image-classification", "art", "crnn", "pytorch"] + (["wikiart"] if cfg.data.source != "demo" else []),
+        tags=["image-classification", "art", "crnn", "pytorch"] + ["wikiart"] * is_wikiart(cfg.data.source),
         datasets=[dataset_id] if dataset_id else None, metrics=["accuracy", "f1"],
         model_name=repo_id or f"crnn-art {cfg.data.task} ({model_dir.name})",
         eval_results=_results(per_head, dataset_id, dataset_name, split) or None,
     )
+    picture = None
+    if found is not None and len(heads) == 1:
+        picture = "confusion_matrix.png" if staged else os.path.relpath(found[1] / "confusion_matrix.png", model_dir)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + _card_text(cfg, config, run_dir, model_dir, metrics, split,
                                                                      found is not None, per_head, dataset_name,
-                                                                     training, repo_id))
+                                                                     training, repo_id, picture))
 
 
 def _card_text(cfg, config: dict, run_dir: Path, model_dir: Path, metrics: dict, split: str, evaluated: bool,
-               per_head: dict, dataset_name: str, training: dict, repo_id: str | None) -> str:
+               per_head: dict, dataset_name: str, training: dict, repo_id: str | None, picture: str | None) -> str:
     heads = list(config["heads"])
     classes = "; ".join(f"**{h}** ({len(n)}): {', '.join(n[:30])}{' ...' if len(n) > 30 else ''}"
                         for h, n in config["class_names"].items())
@@ -153,24 +168,27 @@ def _card_text(cfg, config: dict, run_dir: Path, model_dir: Path, metrics: dict,
     else:
         where = (f"**The test split was not evaluated for these weights.** The figures are the validation split at "
                  f"epoch {training.get('epoch', '?')} (the split used to choose the model, so they flatter it); "
-                 "`crnn-art evaluate --checkpoint RUN --split test` evaluates it and refreshes this card.")
+                 f"`crnn-art evaluate --checkpoint RUN/{model_dir.name} --split test` evaluates it and refreshes "
+                 "this card.")
     joint = (f"\nJoint exact match (all heads right): {metrics['joint_exact_match']:.2f} %.\n"
              if metrics.get("joint_exact_match") is not None else "")
-    picture = "\n![confusion matrix of the test split](confusion_matrix.png)\n" if evaluated and len(heads) == 1 \
-        else ""
+    picture = f"\n![confusion matrix of the test split]({picture})\n" if picture else ""
     history = [h for h in read_history(run_dir) if not h.get("partial")]
     epochs = ""
-    if history:
-        epochs = ("\n### Per epoch (validation split)\n\n| epoch | train loss | val loss | top-1 | top-5 | macro F1 |\n"
-                  "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(
-                      f"| {h['epoch']} | {fmt(h['train_loss'], 3)} | {h['val']['loss']:.3f} | {h['val']['top1']:.2f} "
-                      f"| {fmt(h['val'].get('top5'), 2)} | {h['val']['macro_f1']:.2f} |" for h in history) + "\n")
+    key = "val_ema" if training.get("ema") else "val"  # the EMA folder's card shows the EMA's figures
+    if history and all(key in h for h in history):
+        epochs = (f"\n### Per epoch (validation split{', EMA weights' if key == 'val_ema' else ''})\n\n"
+                  "| epoch | train loss | val loss | top-1 | top-5 | macro F1 |\n"
+                  "| --- | --- | --- | --- | --- | --- |\n"
+                  + "\n".join(f"| {h['epoch']} | {fmt(h['train_loss'], 3)} | {h[key]['loss']:.3f} | "
+                               f"{h[key]['top1']:.2f} | {fmt(h[key].get('top5'), 2)} | {h[key]['macro_f1']:.2f} |"
+                               for h in history) + "\n")
     processes = history[-1]["processes"] if history else 1
     hardware = history[-1].get("hardware", "unrecorded hardware") if history else "unrecorded hardware"
     t, a = cfg.train, cfg.augment
     name = repo_id or str(model_dir)
     limits = {"demo": DEMO_LIMITS}.get(cfg.data.source) or (
-        WIKIART_LIMITS if cfg.data.source == "artgan" or "wikiart" in cfg.data.source.lower()
+        WIKIART_LIMITS if is_wikiart(cfg.data.source)
         else OWN_DATA_LIMITS.format(dataset=dataset_name))
     backbone = cfg.model.backbone_weights or "random initialisation"
     return f"""# crnn-art: {', '.join(heads)} classifier of paintings
@@ -254,7 +272,7 @@ def stage_model(checkpoint: str | Path, target: Path, repo_id: str | None = None
                 shutil.copy2(report, target / report.name)
     if (run_dir / "config.yaml").is_file():
         shutil.copy2(run_dir / "config.yaml", target / "config.yaml")
-        (target / "README.md").write_text(str(model_card(run_dir, folder, repo_id)))
+        (target / "README.md").write_text(str(model_card(run_dir, folder, repo_id, staged=True)))
         (target / "LICENSE").write_text(_license())
     return target
 
@@ -281,10 +299,6 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
             return None
     except OSError as exc:
         return f"{host}:{port} cannot be reached: {exc.strerror or exc}"
-
-
-class HubError(RuntimeError):
-    """The Hub could not be reached or refused the upload; the message names the repository and the fix."""
 
 
 def check_repo_id(repo_id: str) -> None:

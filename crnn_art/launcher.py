@@ -4,7 +4,7 @@
 reason, and prints a ChildFailedError report. A scheduler then cannot tell a preempted run, which
 saved a checkpoint and should be requeued, from a crash or a configuration error, which should
 not. This wrapper runs the same command with the same arguments, collects the status each
-crnn-art process records at exit (``crnn_art.runtime.report_exit``), prints each distinct message
+crnn-art process records at exit (``crnn_art.exits.report_exit``), prints each distinct message
 once and exits with the status that explains the run (see ``exit_status``): 143 after SIGTERM,
 130 after SIGINT, 2 for a user error, 3 for non-finite losses, 1 for an unexpected error.
 
@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-EXIT_DIR_ENV = "CRNN_ART_EXIT_DIR"
-"""Must equal ``crnn_art.runtime.EXIT_DIR_ENV`` (not imported from there: that module imports torch)."""
+from crnn_art.exits import EXIT_DIR_ENV
 
 KNOWN_ERRORS = (2, 3, 1)
 """Recorded error codes, most informative first: a user error (2) and non-finite losses (3) are

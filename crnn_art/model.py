@@ -1,4 +1,4 @@
-"""The CRNN: a ResNet-50 trunk read by row and column BiGRUs with attention pooling (SPEC §1).
+"""The CRNN: a ResNet-50 trunk read by row and column BiGRUs with attention pooling (docs/model-and-recipe.md).
 
 A painting's style lives partly in texture (which global pooling keeps) and partly in how that
 texture is laid out: horizontal bands, vertical strokes, block composition. The two recurrent
@@ -18,17 +18,13 @@ from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 
-from crnn_art.errors import first_line
+from crnn_art.errors import ModelLoadError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STEM_MODULES = ("conv1", "bn1")
 TRUNK_MODULES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 WEIGHTS_NAME = "model.safetensors"
-
-
-class ModelLoadError(RuntimeError):
-    """A checkpoint or weight file that cannot be used; the message says which and what to do."""
 
 
 @dataclass
@@ -64,7 +60,7 @@ class AxisGRU(nn.Module):
     With ``along="rows"`` every row is a sequence of ``w`` vectors; the GRU output is averaged
     over the ``w`` positions to give one vector per row, and attention picks among the ``h`` rows.
     The recurrent part runs in fp32 with autocast off: GRU kernels under bf16 autocast have been
-    missing or wrong on some builds (LESSONS.md), and it is a small share of the compute.
+    missing or wrong on some builds, and it is a small share of the compute.
     """
 
     def __init__(self, channels: int, hidden: int, layers: int, dropout: float, along: str) -> None:

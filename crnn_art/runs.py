@@ -20,14 +20,10 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from crnn_art.errors import first_line
+from crnn_art.errors import RunFolderError, first_line
 
 LOCK = ".crnn-art.lock"
 HOLDER = ".crnn-art.holder.json"
-
-
-class RunFolderError(RuntimeError):
-    """A run folder that cannot be used or written; the message names the folder and the fix."""
 
 
 def free_gib(path: Path) -> float:

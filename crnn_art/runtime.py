@@ -6,17 +6,13 @@ One code path serves a laptop CPU, one GPU, many GPUs and many machines: whateve
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 
-
-class LaunchError(RuntimeError):
-    """The processes were not started the way the run needs; the message says how to launch."""
+from crnn_art.errors import LaunchError
 
 
 def _env_world_size() -> int:
@@ -39,7 +35,7 @@ def check_world(accelerator: Accelerator) -> None:
     """Stop when the environment says several processes but Accelerate sees one.
 
     Each process would then train the whole dataset on its own and write the same files: the
-    run "works", twice, with nothing synchronised (LESSONS.md).
+    run "works", twice, with nothing synchronised.
     """
     world = _env_world_size()
     if world > 1 and accelerator.num_processes != world:
@@ -55,7 +51,7 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool | None = None, **k
     """Build the run's Accelerator. ``cpu=None`` means: the CPU (gloo) when no GPU is visible.
 
     ``cpu=True`` matters: without it, processes started by a multi-GPU launcher on a machine with
-    no GPU are each a world of one (LESSONS.md).
+    no GPU are each a world of one.
     """
     world = _env_world_size()
     if world > 1 and "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
@@ -76,46 +72,44 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool | None = None, **k
     return accelerator
 
 
-EXIT_DIR_ENV = "CRNN_ART_EXIT_DIR"
-"""Set by ``crnn-art-launch``: each process records its exit status and message there instead of
-printing, so the launcher prints every distinct message once and exits with the status that
-says what happened (143 preempted, 2 a user error), not the launcher's own 1."""
+@dataclass
+class CpuPlan:
+    """How a process uses the CPU cores it has: DataLoader workers and PyTorch's intra-op threads."""
+
+    cores: int
+    """Cores this process may use: the machine's (its CPU affinity) shared by the processes on it."""
+    workers: int
+    threads: int
+
+    def describe(self) -> str:
+        return f"{self.workers} DataLoader worker(s) and {self.threads} thread(s) per process ({self.cores} core(s))"
 
 
-def report_exit(code: int, message: str, every_rank: bool = True) -> int:
-    """Say why this process ends (one line on stderr) and return ``code``.
-
-    Under ``crnn-art-launch`` the line is recorded for the launcher instead. ``every_rank=False``
-    prints it on the main process only (a stop that every process reports alike).
-    """
-    folder = os.environ.get(EXIT_DIR_ENV)
-    rank = os.environ.get("RANK", "0")
-    if folder:
-        try:
-            Path(folder, f"rank{rank}.json").write_text(json.dumps({"code": code, "message": message}))
-            return code
-        except OSError:
-            pass  # the launcher's folder is gone: say it here instead
-    if every_rank or rank == "0":
-        print(message, file=sys.stderr, flush=True)
-    return code
+def cores_per_process() -> int:
+    """The cores this process may use (``os.sched_getaffinity``: what a container or SLURM gives it) divided by the
+    processes on this machine (``LOCAL_WORLD_SIZE``, set by accelerate launch and torchrun)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // max(1, local))
 
 
-def stop_worker_processes(timeout: float = 5.0) -> int:
-    """Kill this process's daemonic children (DataLoader workers) and wait for them; returns how many.
+def workers_for(requested: int | None) -> int:
+    """``data.num_workers``, or with null half of this process's cores (at most 4): workers decode while the
+    training process computes; more than the cores only makes them wait for each other."""
+    return requested if requested is not None else min(4, cores_per_process() // 2)
 
-    Workers ignore SIGTERM (see ``loaders``), and a worker left alive by an error would make the
-    interpreter's exit, which terminates them with SIGTERM and joins them, wait forever. SIGCHLD
-    goes back to its default first: PyTorch's handler would report the killed workers as a crash.
-    """
-    import multiprocessing
-    import signal
 
-    children = [p for p in multiprocessing.active_children() if p.daemon]
-    if children:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for child in children:
-            child.kill()
-        for child in children:
-            child.join(timeout)
-    return len(children)
+def fit_to_cores(requested_workers: int | None) -> CpuPlan:
+    """Choose the workers and the training process's threads from the cores it has, and set the threads.
+
+    Threads: this process's share of the cores (torch's default is every core of the machine for each process,
+    so several processes, or a machine already busy, oversubscribe it; measured in docs/speed.md). A user's
+    ``OMP_NUM_THREADS`` is kept as it is."""
+    cores = cores_per_process()
+    workers = workers_for(requested_workers)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cores)
+    return CpuPlan(cores, workers, torch.get_num_threads())

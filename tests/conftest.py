@@ -33,7 +33,7 @@ def tiny_overrides(demo_dir: Path, **extra: object) -> list[str]:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """Generate the tiny demo once per session (the CLI reuses it when parameters match)."""
-    from crnn_art.demo_data import DemoParams, generate_demo
+    from crnn_art.data.demo import DemoParams, generate_demo
 
     folder = tmp_path_factory.mktemp("demo") / "demo"
     generate_demo(folder, DemoParams(size=200, image_side=48, styles=4, noise=0.03, seed=0))
@@ -84,3 +84,33 @@ def read_json(path: Path) -> dict:
 
 def read_history(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
+
+
+E2E_SIGNS = ("run_cli(", "subprocess.", "Popen(", "cli_main([\"train\"", "main([\"train\"", "train(run")
+"""What makes a test end to end: it starts processes or trains a model (in its body or in a fixture it uses)."""
+
+
+def _uses(item, needles: tuple[str, ...]) -> bool:
+    import inspect
+
+    functions = [item.function]
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        functions += [d.func for d in defs]
+    for function in functions:
+        try:
+            source = inspect.getsource(function)
+        except (OSError, TypeError):
+            continue
+        if any(needle in source for needle in needles):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark ``e2e`` (trains or starts processes) and ``distributed`` (two processes) from what each test and its
+    fixtures do, so that no test can be forgotten: ``./launch/test -m "not e2e"`` is the fast layer."""
+    for item in items:
+        if _uses(item, E2E_SIGNS):
+            item.add_marker(pytest.mark.e2e)
+        if _uses(item, ("processes=2", "processes=processes", "CPU_2PROC", "--num_processes")):
+            item.add_marker(pytest.mark.distributed)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from crnn_art.config import ConfigError, available_presets, resolve_config
+from crnn_art.config import available_presets, resolve_config
+from crnn_art.errors import ConfigError
 from tests.conftest import run_cli
 
 
@@ -73,7 +74,7 @@ def test_a_non_integer_for_an_integer_key_is_one_clear_error(written):
 
 @pytest.mark.parametrize(("batch", "world", "accum"), [(2, 2, 1), (6, 2, 1), (4, 2, 2), (4, 4, 1), (9, 3, 1)])
 def test_every_micro_batch_holds_an_even_number_of_at_least_two_images(batch, world, accum):
-    from crnn_art.sampling import local_batch_size
+    from crnn_art.data.sampling import local_batch_size
 
     with pytest.raises(ValueError, match=f"use a multiple of {2 * world * accum}"):
         local_batch_size(batch, world, accum)
@@ -85,3 +86,14 @@ def test_bench_on_a_missing_gpu_is_one_line(capsys):
     assert main(["bench", "--device", "cuda", "--quick"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no GPU is visible" in err
+
+
+def test_the_configuration_reference_page_is_current():
+    """docs/configuration.md is generated from the config's attribute docstrings; every key has one."""
+    from crnn_art.config import config_reference, key_docs
+    from tests.conftest import ROOT
+
+    assert [k for k, doc in key_docs().items() if not doc] == []
+    assert (ROOT / "docs" / "configuration.md").read_text() == config_reference(), (
+        "regenerate: python -c \"import crnn_art.config as c; print(c.config_reference(), end='')\" "
+        "> docs/configuration.md")

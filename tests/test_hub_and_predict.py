@@ -207,9 +207,9 @@ def test_a_mistyped_local_model_path_is_an_error_at_once(trained, tmp_path, caps
 
 def test_predict_and_evaluate_feed_the_model_the_same_tensor(trained, tmp_path):
     """One decode rule: a large JPEG (draft-decoded, then reduced) reaches the model identically in both paths."""
-    from crnn_art.loaders import load_sample
-    from crnn_art.predict import predict_images
-    from crnn_art.transforms import eval_resize, eval_transform
+    from crnn_art.data.loaders import load_sample
+    from crnn_art.data.transforms import eval_resize, eval_transform
+    from crnn_art.inference import predict_images
 
     path = tmp_path / "large.jpg"
     painting(48, seed=3).resize((2400, 1800)).save(path, quality=92)
@@ -237,7 +237,7 @@ def test_image_file_names_that_are_not_utf8_are_skipped_and_counted(tmp_path):
     import os
 
     from crnn_art.config import resolve_config
-    from crnn_art.sources import open_source
+    from crnn_art.data.sources import open_source
     from tests.standins.layouts import image_folder
 
     root = image_folder(tmp_path / "folder", split_dirs=False)

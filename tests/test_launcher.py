@@ -69,7 +69,7 @@ def test_the_wrapper_imports_no_torch_and_agrees_with_runtime_on_the_exit_folder
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["CRNN_ART_EXIT_DIR", "False"]
     assert importlib.util.find_spec("crnn_art.runtime") is not None
-    from crnn_art.runtime import EXIT_DIR_ENV
+    from crnn_art.exits import EXIT_DIR_ENV
 
     assert launcher.EXIT_DIR_ENV == EXIT_DIR_ENV
     assert LAUNCH.is_file(), "pip install -e . creates the crnn-art-launch script"
@@ -143,7 +143,6 @@ def _env() -> dict:
     return {**inherited, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.slow
 def test_user_error_on_every_rank_prints_once_and_exits_2(tmp_path, demo_dir):
     cmd = _launch(tmp_path / "run", demo_dir, "--set=train.batch_size=9")
     result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
@@ -153,7 +152,6 @@ def test_user_error_on_every_rank_prints_once_and_exits_2(tmp_path, demo_dir):
     assert "ChildFailedError" not in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
 def test_sigterm_to_the_wrapper_only_stops_every_rank_with_a_checkpoint_and_exits_143(tmp_path, demo_dir):
     run = tmp_path / "run"
     proc = subprocess.Popen(_launch(run, demo_dir, "--set=train.epochs=3"), cwd=ROOT, env=_env(),

@@ -1,4 +1,4 @@
-"""The CRNN matches SPEC §1: shapes, parameter count, attention, saving and loading."""
+"""The CRNN matches docs/model-and-recipe.md: shapes, parameter count, attention, saving and loading."""
 
 from __future__ import annotations
 

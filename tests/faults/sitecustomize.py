@@ -13,7 +13,7 @@ if FAULT and (RANK is None or os.environ.get("RANK", "0") == RANK):
     if FAULT == "worker":  # a DataLoader worker fails while loading its 10th sample
         import torch.utils.data
 
-        import crnn_art.loaders as loaders
+        import crnn_art.data.loaders as loaders
 
         original = loaders.load_sample
         calls = {"n": 0}
@@ -31,7 +31,7 @@ if FAULT and (RANK is None or os.environ.get("RANK", "0") == RANK):
 
         import torch.utils.data
 
-        import crnn_art.loaders as loaders
+        import crnn_art.data.loaders as loaders
 
         original = loaders.load_sample
         loaders.WORKER_TIMEOUT = 5

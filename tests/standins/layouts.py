@@ -6,7 +6,7 @@ import csv
 import shutil
 from pathlib import Path
 
-from crnn_art.demo_data import DemoParams, generate_demo
+from crnn_art.data.demo import DemoParams, generate_demo
 from tests.standins.odd_images import odd_images, painting
 
 # An excerpt of the real ArtGAN lists, kept in the repository (see artgan/README.md for source and licence).

@@ -1,0 +1,142 @@
+"""``crnn-art evaluate``: a run's model on one split of the run's own data, across all launched processes, with
+the outputs named after the evaluated weights (``RUN/eval_<split>_<model>/``, with their SHA-256)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crnn_art.evaluation.metrics import METRIC_KEYS, compute_metrics, gather_predictions
+
+
+def _name_in_run(folder: Path, run_dir: Path) -> str:
+    try:
+        return folder.resolve().relative_to(run_dir.resolve()).as_posix()
+    except ValueError:
+        return str(folder)
+
+
+def evaluation_folder(run_dir: Path, folder: Path, split: str) -> Path:
+    """``RUN/eval_<split>_<model>``: one folder per evaluated model (``eval_test_best``, ``eval_test_last_ema``)."""
+    return run_dir / f"eval_{split}_{_name_in_run(folder, run_dir).replace('/', '-')}"
+
+
+def find_evaluation(run_dir: Path, model_dir: Path, split: str = "test") -> tuple[dict[str, Any], Path] | None:
+    """The newest evaluation in ``run_dir`` of exactly these weights (by SHA-256) on ``split``, with its folder."""
+    from crnn_art.checkpoints import weights_sha256
+
+    sha = weights_sha256(model_dir)
+    found = []
+    for path in Path(run_dir).glob("eval_*/metrics.json"):
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if metrics.get("split") == split and (metrics.get("model") or {}).get("sha256") == sha:
+            found.append((path.stat().st_mtime, metrics, path.parent))
+    if not found:
+        return None
+    _, metrics, folder = max(found, key=lambda item: item[0])
+    return metrics, folder
+
+
+@dataclass
+class RunSplit:
+    """A trained run opened on one split of its own data, ready to evaluate or score."""
+
+    cfg: Any
+    run_dir: Path
+    folder: Path
+    accelerator: Any
+    model: Any
+    dataset: Any  # loaders.PaintingDataset with the eval transform
+    rows: np.ndarray
+    note: str = ""  # which model folder was chosen, when the user gave a run without best/
+
+
+def open_run_split(checkpoint: str, split: str) -> RunSplit:
+    """Resolve a run folder (or its best/, last/), build the Accelerator, load the model strictly,
+    and open the split's rows of the run's own source with the run's own task labels."""
+    from crnn_art.checkpoints import load_model_folder, resolve_model_folder
+    from crnn_art.config import load_run_config
+    from crnn_art.data.build import STREAMED, split_dataset
+    from crnn_art.data.schema import SPLITS
+    from crnn_art.data.sources import open_source, read_splits, task_labels
+    from crnn_art.data.transforms import eval_resize, eval_transform
+    from crnn_art.errors import DataError, ModelLoadError
+    from crnn_art.runtime import make_accelerator
+
+    if split not in SPLITS:
+        raise DataError(f"--split {split!r} is not a split; choose one of {', '.join(SPLITS)}")
+    found = resolve_model_folder(checkpoint)
+    folder, run_dir = found.path, found.run_dir
+    if run_dir is None:
+        raise ModelLoadError(f"{checkpoint} is a model folder outside a run: this command needs the run it came from "
+                             "(its config.yaml and split.json); pass the run folder")
+    cfg = load_run_config(run_dir / "config.yaml")
+    rows = read_splits(run_dir / "split.json")[split]
+    if len(rows) == 0:
+        raise DataError(f"the run's {split} split is empty; pick another split")
+    model = load_model_folder(folder)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    with accelerator.local_main_process_first():
+        opened = open_source(cfg.data)
+    labels = task_labels(opened.dataset, cfg.heads, cfg.data)
+    if labels.class_names != model.class_names:
+        raise ModelLoadError(
+            f"{folder}'s class names differ from those of its data ({cfg.data.source}); "
+            "was the source changed since training?"
+        )
+    size = model.image_size
+    with accelerator.local_main_process_first():
+        dataset = split_dataset(opened, rows, labels.labels, eval_transform(size), eval_resize(size),
+                                run_dir / STREAMED, split)
+    return RunSplit(cfg, run_dir, folder, accelerator, model, dataset, rows, found.note)
+
+
+def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | None = None,
+                        batch_size: int | None = None) -> dict[str, Any]:
+    """Evaluate a run's model on one split of the run's own data, across all launched processes.
+
+    ``checkpoint`` is a run folder (its ``best/`` is used) or a ``best/``/``last/`` folder inside
+    one; the run's ``config.yaml`` and ``split.json`` say which data and rows to use.
+    """
+    from crnn_art.checkpoints import weights_sha256
+    from crnn_art.console import make_console, make_progress, metrics_table, per_class_table
+    from crnn_art.data.loaders import eval_loader
+    from crnn_art.evaluation.reports import add_reports
+    from crnn_art.runtime import fit_to_cores
+
+    run = open_run_split(checkpoint, split)
+    cfg, run_dir, folder, accelerator, model, dataset = (run.cfg, run.run_dir, run.folder, run.accelerator,
+                                                         run.model, run.dataset)
+    console = make_console(accelerator.is_main_process)
+    console.print(f"evaluating {folder} on the {split} split" + (f" (note: {run.note})" if run.note else ""))
+    workers = fit_to_cores(cfg.data.num_workers).workers
+    loader = accelerator.prepare(eval_loader(dataset, batch_size or cfg.train.eval_batch_size, workers))
+    model_names = model.class_names
+    model = accelerator.prepare(model)
+    with make_progress(console, accelerator.is_main_process) as progress:
+        pred = gather_predictions(model, loader, accelerator, cfg.heads, progress)
+    metrics = compute_metrics(pred, cfg.heads)
+    metrics["split"] = split
+    metrics["model"] = {"folder": _name_in_run(folder, run_dir), "sha256": weights_sha256(folder)}
+    if accelerator.is_main_process:
+        out = Path(output_dir) if output_dir else evaluation_folder(run_dir, folder, split)
+        out.mkdir(parents=True, exist_ok=True)
+        add_reports(metrics, pred, cfg.heads, model_names, out, f"{split} split, {_name_in_run(folder, run_dir)}")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        table = metrics_table(metrics, cfg.heads, METRIC_KEYS,
+                              f"{split} metrics of {folder} (%; loss is cross-entropy)")
+        console.print(table)
+        for head in cfg.heads:
+            per_class = metrics["per_class"] if len(cfg.heads) == 1 else metrics["heads"].get(head, {}).get("per_class")
+            if per_class:
+                console.print(per_class_table(head, per_class))
+        console.print(f"written {out}/: metrics.json, classification_report*.txt, confusion_matrix*.csv/.png")
+    accelerator.end_training()
+    return metrics

@@ -1,0 +1,65 @@
+"""Two CPU processes (gloo) through `accelerate launch` with the shipped config, as users run it."""
+
+from __future__ import annotations
+
+import pytest
+
+from crnn_art.data.sources import read_splits
+from tests.conftest import read_history, read_json, run_cli, scratch, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, demo_dir):
+    with scratch(tmp_path_factory) as folder:
+        run = folder / "two"
+        overrides = tiny_overrides(demo_dir, train__max_steps=3, train__ema_decay=0.5)
+        run_cli(["train", "--output-dir", str(run), *overrides], processes=2)
+        yield run
+
+
+def test_two_processes_train_and_count_every_validation_sample_once(two_process_run):
+    n_val = len(read_splits(two_process_run / "split.json")["validation"])
+    per_step = 2 * 16  # processes x eval batch
+    assert n_val % per_step != 0, "the check needs a validation set with a ragged last batch"
+    history = read_history(two_process_run)
+    assert history[-1]["processes"] == 2 and history[-1]["step"] == 3
+    metrics = read_json(two_process_run / "metrics.json")
+    assert metrics["num_samples"] == n_val
+
+
+def test_one_and_two_processes_give_the_same_metrics(two_process_run, tmp_path):
+    run_cli(["evaluate", "--checkpoint", str(two_process_run / "last"), "--split", "validation",
+             "--output-dir", str(tmp_path / "one")])
+    run_cli(["evaluate", "--checkpoint", str(two_process_run / "last"), "--split", "validation",
+             "--output-dir", str(tmp_path / "two")], processes=2)
+    one, two = read_json(tmp_path / "one" / "metrics.json"), read_json(tmp_path / "two" / "metrics.json")
+    final = read_json(two_process_run / "metrics.json")
+    assert one["num_samples"] == two["num_samples"] == final["num_samples"]
+    assert one["top5"] is two["top5"] is final["top5"] is None  # 4 classes: top-5 does not apply
+    for key in ("loss", "top1", "macro_f1", "weighted_f1"):
+        assert one[key] == pytest.approx(two[key], abs=1e-4), key
+        assert one[key] == pytest.approx(final[key], abs=1e-4), key
+
+
+def test_the_ema_evaluated_on_two_processes_is_the_saved_one(two_process_run, tmp_path):
+    """Each process averages its own BatchNorm statistics into its EMA: all must evaluate the main process's, the
+    one saved in last_ema/, so that val_ema is that model's figure."""
+    run_cli(["evaluate", "--checkpoint", str(two_process_run / "last_ema"), "--split", "validation",
+             "--output-dir", str(tmp_path / "ema")])
+    one = read_json(tmp_path / "ema" / "metrics.json")
+    during = read_history(two_process_run)[-1]["val_ema"]
+    assert one["num_samples"] == during["num_samples"]
+    assert one["loss"] == pytest.approx(during["loss"], rel=1e-6, abs=0)
+
+
+def test_one_and_two_processes_rank_the_same_outliers(two_process_run, tmp_path):
+    for name, processes in (("one", 1), ("two", 2)):
+        run_cli(["outliers", "--checkpoint", str(two_process_run / "last"), "--split", "train", "--top", "10",
+                 "--output-dir", str(tmp_path / name)], processes=processes)
+    one = (tmp_path / "one" / "all_scores.csv").read_text().splitlines()
+    two = (tmp_path / "two" / "all_scores.csv").read_text().splitlines()
+    n_train = len(read_splits(two_process_run / "split.json")["train"])
+    assert len(one) == len(two) == n_train + 1
+    rows_one = [line.split(",")[1] for line in one]
+    rows_two = [line.split(",")[1] for line in two]
+    assert rows_one == rows_two

@@ -1,0 +1,118 @@
+"""The shape of the package stays readable: no import cycles (imports inside functions counted), no reaching into
+another module's private names, one module that prints with rich, and a command line that answers without torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+PACKAGE = ROOT / "crnn_art"
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.with_suffix("").relative_to(ROOT).parts)
+        found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def imports(path: Path) -> list[ast.ImportFrom | ast.Import]:
+    return [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import | ast.ImportFrom)]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the crnn-art modules it imports anywhere in its file (at the top or inside a function)."""
+    mods = modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for name, path in mods.items():
+        for node in imports(path):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in mods and t != name and t != "crnn_art"}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Groups of mutually importing modules (strongly connected components with more than one module)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return groups
+
+
+def test_no_import_cycles_counting_imports_inside_functions():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = []
+    for name, path in modules().items():
+        for node in imports(path):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("crnn_art"):
+                offenders += [f"{name}: {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert offenders == []
+
+
+def test_only_the_console_module_imports_rich():
+    users = sorted(name for name, path in modules().items()
+                   if any((isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "rich")
+                          or (isinstance(n, ast.Import) and any(a.name.split(".")[0] == "rich" for a in n.names))
+                          for n in imports(path)))
+    assert users == ["crnn_art.console"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["train", "--help"], ["evaluate", "--help"],
+                                  ["train", "--set", "train.lr=abc"], ["train", "--set", "data.task=colour"],
+                                  ["train", "--preset", "nope"]])
+def test_the_command_line_answers_without_importing_torch(argv):
+    code = (f"import sys\nfrom crnn_art.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "NO-TORCH", result.stdout + result.stderr
+
+
+def test_import_crnn_art_is_lazy_and_still_gives_the_public_names():
+    code = ("import sys, crnn_art\nassert 'torch' not in sys.modules\n"
+            "from crnn_art import CRNNArtClassifier, ModelLoadError, predict\nprint(CRNNArtClassifier.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "CRNNArtClassifier", result.stderr
