@@ -372,9 +372,16 @@ def crnn_train_flops(size: int) -> float:
     return float(counter.get_total_flops())
 
 
+def _stage(on_stage, name: str) -> None:
+    """Tell the caller (``crnn-art bench``'s progress line) which measurement starts."""
+    if on_stage is not None:
+        on_stage(name)
+
+
 def run_bench(device: str = "cpu", size: int = 224, batch: int = 16, steps: int = 7, precision: str = "no",
               pipeline_images: int = 24, workers: int | None = None, channels_last: bool | None = None,
-              quick: bool = False, peak_tflops: float | None = None, compile_trunk: bool = False) -> dict[str, Any]:
+              quick: bool = False, peak_tflops: float | None = None, compile_trunk: bool = False,
+              on_stage=None) -> dict[str, Any]:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"--device {device!r} is not a device crnn-art benchmarks; use cpu or cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -393,14 +400,20 @@ def run_bench(device: str = "cpu", size: int = 224, batch: int = 16, steps: int 
         "targets": TARGETS,
     }
     for cl in layouts:
+        _stage(on_stage, f"training step, {'channels_last' if cl else 'contiguous'}")
         report["training"]["channels_last" if cl else "contiguous"] = bench_training(dev, size, batch, steps,
                                                                                      precision, cl)
     if compile_trunk:
+        _stage(on_stage, "training step, trunk compiled")
         report["compile"] = bench_compile(dev, size, batch, steps, precision, channels_last is not False)
+    _stage(on_stage, "optimizer step")
     report["optimizer"] = bench_optimizer(dev, steps)
     originals = _large_jpegs(pipeline_images)  # generated once: 1600 x 1280, like WikiArt scans
+    _stage(on_stage, "JPEG decode")
     report["jpeg_decode"] = bench_jpeg_decode(dev, originals)
+    _stage(on_stage, "input pipeline")
     report["pipeline"] = bench_pipeline(originals, workers, device=dev)
+    _stage(on_stage, "outlier scoring")
     report["outliers"] = bench_outliers(10_000 if quick else 80_000)
     best = min(report["training"].values(), key=lambda r: r["crnn"]["step_s"])
     report["summary"] = {

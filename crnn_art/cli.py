@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from crnn_art import __version__
-from crnn_art.config import available_presets, load_run_config, resolve_config
+from crnn_art.config import available_presets, resolve_config
 from crnn_art.errors import CrnnArtError, DataError, TrainingStopped
 from crnn_art.exits import report_exit, stop_worker_processes
 
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "overrides; `crnn-art train --preset NAME --print-config` prints every key with its value, and "
                     "docs/configuration.md describes each one.")
     train.add_argument("--preset", default=None,
-                       help=f"one of: {', '.join(available_presets())} (default: demo; with --resume: the run's own)")
+                       help=f"one of: {', '.join(available_presets())} (default: demo; with --resume: the run's own "
+                            "config.yaml, with --config and --set applied on top)")
     train.add_argument("--config", help="a YAML file with data/model/augment/train sections")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one key, e.g. --set train.epochs=3 (repeatable)")
@@ -202,8 +203,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         output_dir = args.output_dir or f"runs/{args.preset or 'demo'}"
         own = Path(output_dir) / "config.yaml"
-        if args.resume and not (args.preset or args.config or args.overrides) and own.is_file():
-            cfg = load_run_config(own)  # resuming with nothing said: the run's own config
+        if args.resume and not args.preset and own.is_file():  # the run's own config, with --config/--set on top
+            cfg = resolve_config(None, args.config, args.overrides, base=own)
         else:
             cfg = resolve_config(args.preset or "demo", args.config, args.overrides)
         if args.print_config:
@@ -252,11 +253,14 @@ def _bench(args: argparse.Namespace) -> None:
     import json
 
     from crnn_art.bench import run_bench
-    from crnn_art.console import make_console, print_bench_report
+    from crnn_art.console import make_console, make_progress, print_bench_report
 
-    reports = [run_bench(args.device, args.image_size, b, args.steps, args.precision, workers=args.workers,
-                         quick=args.quick, peak_tflops=args.peak_tflops, compile_trunk=args.compile)
-               for b in args.batch]
+    with make_progress(make_console(stderr=True)) as progress:
+        task = progress.add_task("bench", total=None, status="")
+        reports = [run_bench(args.device, args.image_size, b, args.steps, args.precision, workers=args.workers,
+                             quick=args.quick, peak_tflops=args.peak_tflops, compile_trunk=args.compile,
+                             on_stage=lambda name, b=b: progress.update(task, status=f"batch {b}: {name}"))
+                   for b in args.batch]
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     else:

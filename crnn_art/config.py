@@ -264,9 +264,13 @@ def resolve_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    base: str | Path | None = None,
 ) -> RunConfig:
-    """Defaults <- preset <- config file <- ``--set`` overrides, then type-check and validate."""
+    """Defaults <- preset (or ``base``, a run's own ``config.yaml``) <- config file <- ``--set`` overrides, then
+    type-check and validate."""
     raw: dict[str, Any] = {}
+    if base:
+        _merge(raw, _read_yaml(Path(base).read_text(), str(base)), str(base))
     if preset:
         _merge(raw, load_preset(preset), f"preset {preset!r}")
     if config_file:

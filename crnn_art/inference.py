@@ -1,4 +1,4 @@
-"""Run a trained model on your own images: ``crnn-art predict`` and ``crnn_art.inference(...)``.
+"""Run a trained model on your own images: ``crnn-art predict`` and ``crnn_art.predict(...)``.
 
 Inputs are image files, folders (searched recursively) or text files listing one path per line.
 Broken files are reported and skipped, never fatal. Each result holds, per head, the top-k class
@@ -133,7 +133,7 @@ def predict_images(model, inputs: Iterable[str | Path], top_k: int = 5, batch_si
 
 def predict(model: str | Path | Any, inputs: str | Path | Iterable[str | Path], top_k: int = 5,
             batch_size: int = 16, heatmaps: str | Path | None = None, device: str | None = None) -> list[dict]:
-    """Python API: ``crnn_art.inference("runs/style", ["a.jpg", "folder/"])`` -> a list of results."""
+    """Python API: ``crnn_art.predict("runs/style", ["a.jpg", "folder/"])`` -> a list of results."""
     net = model if isinstance(model, torch.nn.Module) else load_model(model, device)
     if isinstance(inputs, str | Path):
         inputs = [inputs]

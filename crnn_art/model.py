@@ -18,10 +18,9 @@ from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 
+from crnn_art.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from crnn_art.errors import ModelLoadError, first_line
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 STEM_MODULES = ("conv1", "bn1")
 TRUNK_MODULES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 WEIGHTS_NAME = "model.safetensors"

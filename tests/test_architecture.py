@@ -116,3 +116,43 @@ def test_import_crnn_art_is_lazy_and_still_gives_the_public_names():
             "from crnn_art import CRNNArtClassifier, ModelLoadError, predict\nprint(CRNNArtClassifier.__name__)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "CRNNArtClassifier", result.stderr
+
+
+FORBIDDEN = {
+    # a lower layer never imports a higher one
+    "crnn_art.data.": ("crnn_art.training", "crnn_art.evaluation", "crnn_art.hub", "crnn_art.inference",
+                       "crnn_art.checkpoints", "crnn_art.model", "crnn_art.bench", "crnn_art.cli"),
+    "crnn_art.training.": ("crnn_art.evaluation.evaluate", "crnn_art.evaluation.outliers", "crnn_art.inference",
+                           "crnn_art.bench", "crnn_art.cli"),
+    "crnn_art.evaluation.": ("crnn_art.training", "crnn_art.inference", "crnn_art.hub", "crnn_art.bench",
+                             "crnn_art.cli"),
+}
+BASE = ("crnn_art.errors", "crnn_art.exits", "crnn_art.console", "crnn_art.config", "crnn_art.runs",
+        "crnn_art.runtime", "crnn_art.model")
+"""Modules every layer may use; they use no data (but the model its input normalisation), training, evaluation
+or command code themselves."""
+HIGHER = ("crnn_art.training", "crnn_art.evaluation", "crnn_art.hub", "crnn_art.inference", "crnn_art.cli",
+          "crnn_art.bench")
+
+
+def test_lower_layers_never_import_higher_ones():
+    graph = import_graph()
+    offenders = []
+    for module, targets in graph.items():
+        for prefix, banned in FORBIDDEN.items():
+            if module.startswith(prefix):
+                offenders += [f"{module} -> {t}" for t in targets if t.startswith(banned)]
+        if module in BASE:
+            offenders += [f"{module} -> {t}" for t in targets if t.startswith(HIGHER)
+                          or (t.startswith("crnn_art.data") and t != "crnn_art.data.transforms")]
+        offenders += [f"{module} -> {t}" for t in targets
+                      if t in ("crnn_art.cli", "crnn_art.launcher") and module != "crnn_art.__main__"]
+    assert offenders == []
+
+
+def test_console_output_that_is_not_a_terminal_is_never_hard_wrapped(capsys):
+    from crnn_art.console import make_console
+
+    line = "epoch 1/4 | " + " | ".join(f"figure {i} {i * 1.5:.1f}" for i in range(40))
+    make_console().print(line)
+    assert capsys.readouterr().out.rstrip("\n") == line  # one line, however long (logs, SLURM, pipes)

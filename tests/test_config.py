@@ -97,3 +97,22 @@ def test_the_configuration_reference_page_is_current():
     assert (ROOT / "docs" / "configuration.md").read_text() == config_reference(), (
         "regenerate: python -c \"import crnn_art.config as c; print(c.config_reference(), end='')\" "
         "> docs/configuration.md")
+
+
+def test_a_resume_without_a_preset_starts_from_the_runs_own_config(tmp_path, capsys):
+    """``--resume latest --set data.max_bad_fraction=0.5`` (the advice of a stop for undecodable images) changes that
+    key of the run's own config, not of the demo preset."""
+    import yaml
+
+    from crnn_art.cli import main
+    from crnn_art.config import config_text
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(config_text(resolve_config("style", None, ["train.epochs=7"])))
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(run), "--resume", "latest", "--set", "data.max_bad_fraction=0.5",
+                 "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["epochs"] == 7 and printed["data"]["source"] == "huggan/wikiart"
+    assert printed["data"]["max_bad_fraction"] == 0.5

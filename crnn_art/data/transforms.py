@@ -18,7 +18,10 @@ import torch
 from torchvision.transforms import v2
 
 from crnn_art.config import AugmentConfig
-from crnn_art.model import IMAGENET_MEAN, IMAGENET_STD
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""The normalisation of torchvision's ImageNet weights, which every input gets (the model records it in config.json)."""
 
 EVAL_RESIZE_RATIO = 416 / 384
 
