@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from crnn_art import __version__
-from crnn_art.config import available_presets, resolve_config
+from crnn_art.config import available_presets, load_run_config, resolve_config
 from crnn_art.errors import CrnnArtError, DataError, TrainingStopped
 from crnn_art.exits import report_exit, stop_worker_processes
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "docs/configuration.md describes each one.")
     train.add_argument("--preset", default=None,
                        help=f"one of: {', '.join(available_presets())} (default: demo; with --resume: the run's own "
-                            "config.yaml, with --config and --set applied on top)")
+                            "config.yaml; with --config/--set, those on top of it, train.max_steps not carried over)")
     train.add_argument("--config", help="a YAML file with data/model/augment/train sections")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one key, e.g. --set train.epochs=3 (repeatable)")
@@ -203,7 +203,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         output_dir = args.output_dir or f"runs/{args.preset or 'demo'}"
         own = Path(output_dir) / "config.yaml"
-        if args.resume and not args.preset and own.is_file():  # the run's own config, with --config/--set on top
+        if args.resume and not (args.preset or args.config or args.overrides) and own.is_file():
+            cfg = load_run_config(own)  # resuming with nothing said: the run's own config, as it was
+        elif args.resume and not args.preset and own.is_file():  # the run's own config, with --config/--set on top
             cfg = resolve_config(None, args.config, args.overrides, base=own)
         else:
             cfg = resolve_config(args.preset or "demo", args.config, args.overrides)

@@ -267,10 +267,12 @@ def resolve_config(
     base: str | Path | None = None,
 ) -> RunConfig:
     """Defaults <- preset (or ``base``, a run's own ``config.yaml``) <- config file <- ``--set`` overrides, then
-    type-check and validate."""
+    type-check and validate. From ``base`` the run's ``train.max_steps`` is not taken: where the last command
+    stopped is not part of what the run trains (a resume that stops early again says so with ``--set``)."""
     raw: dict[str, Any] = {}
     if base:
         _merge(raw, _read_yaml(Path(base).read_text(), str(base)), str(base))
+        raw.get("train", {}).pop("max_steps", None)
     if preset:
         _merge(raw, load_preset(preset), f"preset {preset!r}")
     if config_file:
