@@ -30,9 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from crnn_art.data.partition import hub_like_layout, planning_figures
 from crnn_art.errors import ConfigError
 
-TARGETS = {"crnn_vs_resnet50_step_time": 1.10, "pipeline_speedup_vs_seed": 4.0, "outlier_scoring_seconds": 5.0}
+TARGETS = {"crnn_vs_resnet50_step_time": 1.10, "pipeline_speedup_vs_seed": 4.0, "outlier_scoring_seconds": 5.0,
+           "streaming_rows_used_min": 0.999, "streaming_plan_seconds_max": 2.0}
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -372,6 +374,18 @@ def crnn_train_flops(size: int) -> float:
     return float(counter.get_total_flops())
 
 
+STREAM_SIZES = ((8, 8), (16, 4), (32, 2), (64, 2), (64, 16), (256, 2), (256, 16))
+"""(processes, local batch) planned by ``bench_streaming_plan``: one node to a large cluster."""
+
+
+def bench_streaming_plan(epochs: int = 20) -> list[dict[str, Any]]:
+    """The streaming partition on a layout shaped like ``huggan/wikiart`` (81,444 rows, 72 files, row groups of 100,
+    70 % training rows), planned for every process and epoch, no I/O: rows trained per epoch and planning time."""
+    layout = hub_like_layout()
+    return [{"processes": world, "local_batch": local, "epochs": epochs,
+             **planning_figures(layout, world, local, epochs, block=1000)} for world, local in STREAM_SIZES]
+
+
 def _stage(on_stage, name: str) -> None:
     """Tell the caller (``crnn-art bench``'s progress line) which measurement starts."""
     if on_stage is not None:
@@ -415,12 +429,16 @@ def run_bench(device: str = "cpu", size: int = 224, batch: int = 16, steps: int 
     report["pipeline"] = bench_pipeline(originals, workers, device=dev)
     _stage(on_stage, "outlier scoring")
     report["outliers"] = bench_outliers(10_000 if quick else 80_000)
+    _stage(on_stage, "streaming plan")
+    report["streaming_plan"] = bench_streaming_plan()
     best = min(report["training"].values(), key=lambda r: r["crnn"]["step_s"])
     report["summary"] = {
         "crnn_vs_resnet50_step_time": best["ratio"],
         "pipeline_speedup_vs_seed": max(report["pipeline"]["speedup_draft"], report["pipeline"]["speedup_prepared"],
                                         report["pipeline"]["speedup_worker_on_device"]),
         "outlier_scoring_seconds": report["outliers"]["seconds"],
+        "streaming_rows_used_min": min(r["used"] for r in report["streaming_plan"]),
+        "streaming_plan_seconds_max": max(r["seconds"] for r in report["streaming_plan"]),
     }
     if peak_tflops:
         flops = crnn_train_flops(size) * best["crnn"]["images_per_s"]
@@ -432,5 +450,8 @@ def run_bench(device: str = "cpu", size: int = 224, batch: int = 16, steps: int 
         "pipeline_speedup_vs_seed": report["summary"]["pipeline_speedup_vs_seed"] >= TARGETS[
             "pipeline_speedup_vs_seed"],
         "outlier_scoring_seconds": report["summary"]["outlier_scoring_seconds"] < TARGETS["outlier_scoring_seconds"],
+        "streaming_rows_used_min": report["summary"]["streaming_rows_used_min"] >= TARGETS["streaming_rows_used_min"],
+        "streaming_plan_seconds_max": report["summary"]["streaming_plan_seconds_max"] < TARGETS[
+            "streaming_plan_seconds_max"],
     }
     return report

@@ -173,6 +173,9 @@ class TrainState:
         self.epoch_skipped_images = 0
         """Training images of this epoch that failed to decode, all processes."""
         self.epoch_seconds = 0.0
+        self.stream_legs: list[dict] = []
+        """Streamed runs: which processes ran the epoch in progress from which batch (``partition.Leg``), so that
+        a resume on another number of processes trains exactly the rows not yet trained."""
 
     def start_epoch(self, epoch: int) -> None:
         """Enter ``epoch``; its running sums restart unless it is the epoch a checkpoint stopped in."""
@@ -180,6 +183,7 @@ class TrainState:
             self.epoch, self.batch = epoch, 0
             self.epoch_loss_sum, self.epoch_applied_steps, self.epoch_skipped_images = 0.0, 0, 0
             self.epoch_seconds = 0.0
+            self.stream_legs = []
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -310,14 +314,21 @@ def verify_checkpoint(path: Path, processes: int | None = None) -> dict[str, Any
     return info
 
 
-def load_checkpoint(accelerator, path: Path, state: TrainState, scheduler, ema=None) -> None:
-    """Restore a verified checkpoint without executing anything it holds.
+def load_checkpoint(accelerator, path: Path, state: TrainState, scheduler, ema=None) -> int:
+    """Restore a verified checkpoint without executing anything it holds; returns how many processes saved it.
 
     Accelerate loads the weights from safetensors and the optimizer, scaler and RNG files with
     ``weights_only=True``; its RNG load swallows failures (the resume would silently differ), so
     this process's RNG file is read the same way first. The run's own state is JSON and
     safetensors. Any file that does not load is one line naming the checkpoint.
+
+    On another number of processes (elastic resume) the per-process RNG files do not map to the new
+    processes and are not needed: every random draw of a step is seeded from (seed, step, rank) and every
+    augmentation from (seed, epoch, row or draw slot), and the weights, optimizer, schedule and position
+    are the same for all processes.
     """
+    saved_by = int(read_manifest(path).get("processes") or 1)
+    elastic = saved_by != accelerator.num_processes
     if (ema is not None) != (path / EMA_FILE).is_file():
         raise CheckpointError(f"checkpoint {path} {'lacks' if ema is not None else 'holds'} EMA weights but this run "
                               f"{'keeps' if ema is not None else 'keeps no'} EMA (train.ema_decay); resume from a "
@@ -326,13 +337,14 @@ def load_checkpoint(accelerator, path: Path, state: TrainState, scheduler, ema=N
         raise CheckpointError(f"checkpoint {path} does not match this run's precision (fp16 loss-scaler state "
                               f"{'present' if (path / 'scaler.pt').is_file() else 'missing'}); resume with the "
                               "precision it was saved with")
-    if not (path / f"random_states_{accelerator.process_index}.pkl").is_file():
+    if not elastic and not (path / f"random_states_{accelerator.process_index}.pkl").is_file():
         raise CheckpointError(f"checkpoint {path} has no random state for process {accelerator.process_index}; "
-                              "it was written by fewer processes: resume with as many processes as it was saved by")
+                              "it was altered: resume from another checkpoint with --resume PATH")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's note on pickle protocols: the load below fails or not
-            load(str(path / f"random_states_{accelerator.process_index}.pkl"))
+            if not elastic:
+                load(str(path / f"random_states_{accelerator.process_index}.pkl"))
             accelerator.load_state(str(path))
         own = json.loads((path / STATE_FILE).read_text())
         state.load_state_dict(own["train_state"])
@@ -345,6 +357,7 @@ def load_checkpoint(accelerator, path: Path, state: TrainState, scheduler, ema=N
             f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {first}): it does not fit this run or holds "
             "something other than saved tensors; resume from an older checkpoint with --resume PATH"
         ) from exc
+    return saved_by
 
 
 def find_checkpoint(run_dir: Path, spec: str) -> Path:

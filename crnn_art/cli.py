@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time the CRNN with its trunk under torch.compile (model.compile_trunk); "
                          "compiling takes a minute or more")
     be.add_argument("--json", action="store_true", help="print the report as JSON")
+    be.add_argument("--streaming-plan", action="store_true",
+                    help="only the streaming partition at 8-256 processes (no model, no I/O; seconds)")
 
     ex = sub.add_parser("explain", help="attention maps (row x column) over paintings, as PNGs")
     ex.add_argument("--checkpoint", required=True, help="a run folder, or its best/ or last/ folder")
@@ -254,9 +256,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> None:
     import json
 
-    from crnn_art.bench import run_bench
-    from crnn_art.console import make_console, make_progress, print_bench_report
+    from crnn_art.bench import bench_streaming_plan, run_bench
+    from crnn_art.console import make_console, make_progress, print_bench_report, streaming_plan_table
 
+    if args.streaming_plan:
+        plans = bench_streaming_plan()
+        print(json.dumps(plans, indent=2)) if args.json else make_console().print(streaming_plan_table(plans))
+        return
     with make_progress(make_console(stderr=True)) as progress:
         task = progress.add_task("bench", total=None, status="")
         reports = [run_bench(args.device, args.image_size, b, args.steps, args.precision, workers=args.workers,

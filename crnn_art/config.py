@@ -40,7 +40,8 @@ class DataConfig:
     streaming: bool = False
     """Read a Hub id or parquet files as a stream instead of downloading and caching them first."""
     shuffle_buffer: int = 1000
-    """Streaming: rows each DataLoader worker holds to shuffle from (raw JPEG bytes, ~0.3 GB for WikiArt)."""
+    """Streaming: rows shuffled together (blocks of the epoch's shard order); a reader holds one block's JPEG
+    bytes (~0.3 GB for WikiArt at 1000)."""
     task: str = "style"
     """What to learn: style, genre, artist, or combined (all three heads at once)."""
     image_size: int = 384
@@ -388,7 +389,7 @@ def validate(cfg: RunConfig) -> None:
     if d.source == "artgan":
         need(bool(d.lists_dir) and bool(d.image_root), "data.lists_dir / data.image_root",
              "data.source=artgan needs both folders", (d.lists_dir, d.image_root))
-    need(d.shuffle_buffer >= 1, "data.shuffle_buffer", "use an integer >= 1 (rows held to shuffle a stream)",
+    need(d.shuffle_buffer >= 1, "data.shuffle_buffer", "use an integer >= 1 (rows shuffled together in a stream)",
          d.shuffle_buffer)
     need(d.num_workers is None or d.num_workers >= 0, "data.num_workers",
          "use null (from the cores), 0 (load in the main process) or more", d.num_workers)
@@ -489,6 +490,14 @@ def check_resume_config(run_cfg: RunConfig, cfg: RunConfig, run_dir: str | Path)
     """Refuse to continue a run with a config that changes what it trains (one ``ConfigError`` naming the keys)."""
     own, new = flat_config(run_cfg.to_dict()), flat_config(cfg.to_dict())
     changed = [k for k in sorted(own.keys() | new.keys()) if own.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS]
+    if "train.batch_size" in changed:
+        raise ConfigError(
+            f"--resume would change train.batch_size {own['train.batch_size']} -> {new['train.batch_size']}: it is "
+            "the global batch (all processes together), which the learning rate, the schedule's length and the "
+            "epoch's batches were planned for, so it stays the same on any number of processes (each takes "
+            f"{own['train.batch_size']}/processes); resume without changing it, or start a new run in another "
+            "--output-dir"
+        )
     if changed:
         shown = ", ".join(f"{k} {own.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""

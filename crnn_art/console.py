@@ -106,6 +106,23 @@ def quality_table(q: dict[str, dict[str, float]], split: str, scorers: dict[str,
     return table
 
 
+def _streaming_plan_rows(table: Table, plans: list[dict[str, Any]]) -> None:
+    for r in plans:
+        table.add_row(f"streaming plan, {r['processes']} processes x {r['local_batch']}: rows trained per epoch "
+                      f"(twice), {r['epochs']} epochs planned", f"{100 * r['used']:.2f} % ({r['twice']}), "
+                      f"{r['seconds']:.2f} s", "")
+
+
+def streaming_plan_table(plans: list[dict[str, Any]]) -> Table:
+    """``crnn-art bench --streaming-plan``: the partition of a Hub-shaped layout at each cluster size."""
+    table = Table(title=f"streaming plan: {plans[0]['rows']:,} training rows in a layout like huggan/wikiart")
+    table.add_column("what")
+    table.add_column("figure", justify="right")
+    table.add_column("")
+    _streaming_plan_rows(table, plans)
+    return table
+
+
 def print_bench_report(console: Console, report: dict[str, Any], targets: dict[str, float]) -> None:
     """``crnn-art bench``'s figures as a table, then the targets each one meets or misses."""
     s = report["settings"]
@@ -152,6 +169,7 @@ def print_bench_report(console: Console, report: dict[str, Any], targets: dict[s
     table.add_row(f"outlier scoring {o['samples']:,} x {o['dim']}, {o['classes']} classes, "
                   f"{o['references']:,} neighbour references", f"{o['seconds']:.2f} s",
                   f"{o['peak_mb']:.0f}")
+    _streaming_plan_rows(table, report.get("streaming_plan", []))
     console.print(table)
     if "model_flop_utilisation" in report["summary"]:
         console.print(f"model FLOP utilisation: {100 * report['summary']['model_flop_utilisation']:.1f} % "

@@ -156,3 +156,17 @@ def test_console_output_that_is_not_a_terminal_is_never_hard_wrapped(capsys):
     line = "epoch 1/4 | " + " | ".join(f"figure {i} {i * 1.5:.1f}" for i in range(40))
     make_console().print(line)
     assert capsys.readouterr().out.rstrip("\n") == line  # one line, however long (logs, SLURM, pipes)
+
+
+def test_every_package_folder_is_a_regular_package_that_git_keeps():
+    """A folder without ``__init__.py`` imports from a checkout (a namespace package) but is left out of a built
+    wheel (``packages.find``); and a source file git ignores is missing from every clean clone (a ``data/``
+    pattern in .gitignore once hid ``crnn_art/data/__init__.py``)."""
+    tracked = set(subprocess.run(["git", "ls-files", "crnn_art"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    for folder in {p.parent for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}:
+        assert (folder / "__init__.py").is_file(), f"{folder} has no __init__.py"
+    ignored = subprocess.run(["git", "check-ignore", *map(str, PACKAGE.rglob("*.py"))], cwd=ROOT,
+                             capture_output=True, text=True).stdout.split()
+    assert not ignored, f"git ignores {ignored}"
+    assert tracked, "run from a git checkout"

@@ -39,12 +39,13 @@ class BadImages:
 
     def collect(self, micro_batches: list[dict[str, Any]]) -> list[float]:
         """Remember this process's failed files; return what every process must agree on before the step:
-        ``[a micro-batch has fewer than 2 decodable images, images failed, images drawn]``."""
+        ``[a micro-batch has fewer than 2 images, images failed, images drawn]`` (the padding of a stream's last,
+        smaller step, row -1, fills a micro-batch but is neither drawn nor failed)."""
         for batch in micro_batches:
             self.pending += batch["failed"]
         return [float(any(len(b["row"]) < 2 for b in micro_batches)),
                 float(sum(int(b["skipped"]) for b in micro_batches)),
-                float(sum(len(b["row"]) + int(b["skipped"]) for b in micro_batches))]
+                float(sum(int((b["row"] >= 0).sum()) + int(b["skipped"]) for b in micro_batches))]
 
     def count(self, state, failed: int, drawn: int) -> None:
         """Add one step's global counts (the sums over processes of ``collect``'s last two numbers)."""

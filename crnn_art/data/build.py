@@ -101,16 +101,16 @@ def _train_batches(cfg: RunConfig, accelerator, opened, splits, labels: TaskLabe
             train_set = PaintingDataset(opened.dataset, splits["train"], labels.labels, augment, train_side)
             return DrawnBatches(train_set, sampler, workers), None, local_batch
         batches = streamed_batches(opened.stream, splits["train"], labels.labels, augment, train_side, cfg,
-                                   rank, world, local_batch, workers)
+                                   accelerator, workers)
     except ValueError as exc:
         raise DataError(str(exc)) from exc
     class_weights = None
     if t.balanced_sampling:  # a stream cannot be drawn by weight: balance the loss instead
         class_weights = {h: w.to(accelerator.device) for h, w in
                          balanced_class_weights(labels.labels[splits["train"]], labels.num_classes).items()}
-    total = sum(batches.steps(e) for e in range(1, t.epochs + 1))
-    used = sum(p["steps"] for p in batches.plans) * t.batch_size / (t.epochs * len(splits["train"]))
-    notes.append(f"streaming {len(opened.stream.pieces)} shards with a {cfg.data.shuffle_buffer}-row shuffle buffer; "
-                 f"{total} steps over {t.epochs} epochs use {100 * used:.0f}% of the training rows per epoch (equal "
-                 "steps on every process)" + ("; classes balanced by loss weights" if class_weights else ""))
+    full, left = divmod(len(splits["train"]), t.batch_size)
+    notes.append(f"streaming {len(opened.stream.pieces)} shards in shuffle blocks of {cfg.data.shuffle_buffer} rows; "
+                 f"every training row once per epoch: {full} steps of {t.batch_size}"
+                 + (f" and one of the {left} rows left" if left else "") + " on every process"
+                 + ("; classes balanced by loss weights" if class_weights else ""))
     return batches, class_weights, local_batch

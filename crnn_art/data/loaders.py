@@ -146,7 +146,9 @@ class DrawnBatches:
     def steps(self, epoch: int) -> int:
         return self.sampler.batches_per_epoch
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, Any]]:
+    def epoch(self, epoch: int, start_batch: int = 0, legs: list[dict] | None = None) -> Iterator[dict[str, Any]]:
+        """The rest of ``epoch``: the global draw does not depend on the processes, so ``legs`` (which a stream
+        needs) play no part."""
         self.sampler.set_epoch(epoch, start_batch)
         return iter(self.loader)
 

@@ -193,8 +193,8 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
     # ---- state: what a checkpoint holds besides weights, optimiser, scaler and RNG ----------------
     state = TrainState()
     if resume_from is not None:
-        load_checkpoint(accelerator, resume_from, state, scheduler, ema)
-        console.print(f"resumed from {resume_from}: epoch {state.epoch}, {state.batch} batches done, step {state.step}")
+        saved_by = load_checkpoint(accelerator, resume_from, state, scheduler, ema)
+        console.print(resumed_line(resume_from, state, saved_by, accelerator.num_processes))
     begin_run(accelerator, cfg, out, state, resume_from is not None)
     for line in [*data.notes, start_line(cfg, data, accelerator, cpu)]:
         console.print(line)
@@ -211,7 +211,8 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
             steps = data.train_batches.steps(epoch)
             frozen = begin_epoch(cfg, model, raw_model, state, epoch)
             task = progress.add_task(f"epoch {epoch}/{t.epochs}", total=steps, completed=state.batch, status="")
-            batches = data.train_batches.epoch(epoch, state.batch)  # set up now: the step's seeded RNG must not see it
+            # set up now: the step's seeded RNG must not see it
+            batches = data.train_batches.epoch(epoch, state.batch, state.stream_legs)
             t0, seconds_before, rows_seen = time.perf_counter(), state.epoch_seconds, []
             while state.batch < steps:
                 result = step(batches, state, frozen, stops.requested)
@@ -283,6 +284,15 @@ def begin_run(accelerator, cfg: RunConfig, out: Path, state: TrainState, resumed
         state.tracker_run_id = state.tracker_run_id or f"{out.name}-{int(time.time())}"
         accelerator.init_trackers(cfg.train.project_name, config=_hparams(cfg),
                                   init_kwargs={"wandb": {"id": state.tracker_run_id, "resume": "allow"}})
+
+
+def resumed_line(path: Path, state: TrainState, saved_by: int, world: int) -> str:
+    """Where a resumed run continues, and on how many processes when that changed (an elastic resume)."""
+    where = f"epoch {state.epoch}, {state.batch} batches done, step {state.step}"
+    if saved_by == world:
+        return f"resumed from {path}: {where}"
+    return (f"resumed from {saved_by} process(es) on {world}: {path}, {where}; the same global batch, the rest "
+            "of the epoch's rows, the schedule at the same step")
 
 
 def start_line(cfg: RunConfig, data: TrainData, accelerator, cpu: CpuPlan) -> str:

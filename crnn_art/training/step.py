@@ -68,14 +68,14 @@ class TrainStep:
                  stop_requested: int | None) -> StepResult:
         torch.manual_seed(step_seed(self.t.seed, state.step, self.rank))  # dropout: a function of (seed, step, rank)
         micro_batches = [next(batches) for _ in range(self.t.grad_accum_steps)]
-        unusable, stop = self._agree_before_forward(micro_batches, state, stop_requested)
+        unusable, stop, images = self._agree_before_forward(micro_batches, state, stop_requested)
         loss = None
         if unusable:
             state.data_skipped_steps += 1
         else:
             # a non-finite forward also writes NaN into BatchNorm's running statistics: a skipped step puts them back
             buffers = [b.detach().clone() for b in self.raw_model.buffers()]
-            local_loss, finite = self._forward_backward(micro_batches, state.step, frozen)
+            local_loss, finite = self._forward_backward(micro_batches, state.step, frozen, images)
             loss = self._update(local_loss, finite, state)
             if loss is None:
                 with torch.no_grad():
@@ -83,25 +83,32 @@ class TrainStep:
                         live.copy_(saved)
         state.step += 1
         state.batch += 1
-        return StepResult(loss, stop, [b["row"] for b in micro_batches])
+        return StepResult(loss, stop, [b["row"][b["row"] >= 0] for b in micro_batches])
 
     def _agree_before_forward(self, micro_batches: list[dict[str, Any]], state: TrainState,
-                              stop_requested: int | None) -> tuple[bool, int | None]:
+                              stop_requested: int | None) -> tuple[bool, int | None, int]:
         """One all-reduce before any forward: whether a micro-batch anywhere kept fewer than 2 decodable images
-        (then every process skips the step: DDP needs all of them in each backward), how many images failed
-        and were drawn, and whether any process was asked to stop."""
+        (then every process skips the step: DDP needs all of them in each backward), how many images failed,
+        were drawn and will be trained on (all processes), and whether any process was asked to stop."""
         agreed = self.accelerator.reduce(torch.tensor(
             [*self.bad.collect(micro_batches), float(stop_requested == signal.SIGTERM),
-             float(stop_requested == signal.SIGINT)], device=self.device), reduction="sum").tolist()
+             float(stop_requested == signal.SIGINT), float(sum(_images(b) for b in micro_batches))],
+            device=self.device), reduction="sum").tolist()
         self.bad.count(state, int(agreed[1]), int(agreed[2]))
         state.epoch_skipped_images += int(agreed[1])
         stop = signal.SIGINT if agreed[4] > 0 else signal.SIGTERM if agreed[3] > 0 else None
-        return agreed[0] > 0, stop
+        return agreed[0] > 0, stop, int(agreed[5])
 
-    def _forward_backward(self, micro_batches: list[dict[str, Any]], step: int,
-                          frozen: bool) -> tuple[torch.Tensor, bool]:
-        """Accumulate the gradients of every micro-batch; returns this process's mean loss and whether it is finite
-        (the gradient norm included, except under fp16, whose loss scaler handles inf gradients itself)."""
+    def _forward_backward(self, micro_batches: list[dict[str, Any]], step: int, frozen: bool,
+                          step_images: int) -> tuple[torch.Tensor, bool]:
+        """Accumulate the gradients of every micro-batch; returns this process's share of the step's loss and
+        whether it is finite (the gradient norm included, except under fp16, whose loss scaler handles inf
+        gradients itself).
+
+        A micro-batch's mean loss is weighed by its share of the ``step_images`` of the whole step (all processes):
+        DDP averages processes equally, so a process with fewer images (undecodable files, a stream's last,
+        smaller step) would otherwise weigh each of its images more. With equal micro-batches the weight is
+        exactly 1 and the loss exactly the plain mean."""
         t, acc = self.t, self.accelerator
         local_loss = torch.zeros((), device=self.device)
         finite = True
@@ -117,6 +124,7 @@ class TrainStep:
                     loss, _ = soft_target_loss(self.model(images).logits, targets, self.head_sizes, t.label_smoothing,
                                                self.class_weights)
                 finite = finite and bool(torch.isfinite(loss))
+                loss = loss * (_images(batch) * self.world * t.grad_accum_steps / max(step_images, 1))
                 acc.backward(loss / t.grad_accum_steps)
             local_loss += loss.detach().float() / t.grad_accum_steps
         if frozen:
@@ -154,6 +162,11 @@ class TrainStep:
         state.epoch_loss_sum += loss
         state.epoch_applied_steps += 1
         return loss
+
+
+def _images(batch: dict[str, Any]) -> int:
+    """Images of a micro-batch that count in the loss (decoded, not padding)."""
+    return int((batch["row"] >= 0).sum())
 
 
 def nonfinite_message(out: Path, bad_in_row: int, step: int) -> str:
