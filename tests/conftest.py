@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,6 +71,71 @@ def run_cli(args: list[str], *, processes: int = 1, env: dict | None = None, tim
     return result
 
 
+def _machine_launch(launcher: str, rank: int, machines: int, port: str) -> list[str]:
+    """The launcher module and its flags for machine ``rank`` of ``machines`` (one process each) on 127.0.0.1."""
+    if launcher == "torchrun":  # elastic: between 1 and `machines` nodes meet at a c10d rendezvous; no node ranks
+        return ["torch.distributed.run", f"--nnodes=1:{machines}", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=crnn-art-{port}"]
+    module = {"accelerate": "accelerate.commands.launch", "crnn-art-launch": "crnn_art.launcher"}[launcher]
+    return [module, "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--num_machines", str(machines), "--num_processes", str(machines), "--machine_rank", str(rank),
+            "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--rdzv_backend", "static", "--same_network"]
+
+
+def run_cli_on_machines(args: list[str], *, machines: int = 2, env: dict | None = None, timeout: int = 600,
+                        cwd: Path | None = None, launcher: str = "accelerate") -> list[str]:
+    """Run ``crnn-art ARGS`` as on ``machines`` machines with one CPU process each, all started at once: one
+    ``accelerate launch`` (or ``launcher="crnn-art-launch"``) per machine with ``--machine_rank`` 0, 1, ..., meeting
+    at 127.0.0.1 over a static rendezvous, with the flags of a multi-node launch (``launcher="torchrun"``: an elastic
+    launch, ``--nnodes=1:MACHINES`` over c10d). ``--multi_gpu``, not ``--cpu``: the CPU launcher starts one process
+    and sets no RANK/WORLD_SIZE, so every machine would train the whole run alone; without a GPU the processes form
+    one gloo world. Returns each machine's output (stdout and stderr together); fails when one exits non-zero, after
+    stopping the others (a machine left alone waits for its peers until the rendezvous times out)."""
+    import signal
+    import time
+    from contextlib import ExitStack, suppress
+
+    inherited = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    full_env = {**inherited, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    port = str(_free_port())
+    procs: list[subprocess.Popen] = []
+    with ExitStack() as stack:
+        # files, not pipes: a machine whose pipe nobody reads stalls once it is full
+        logs = [stack.enter_context(tempfile.TemporaryFile(mode="w+")) for _ in range(machines)]
+        try:
+            for rank in range(machines):
+                cmd = [sys.executable, "-m", *_machine_launch(launcher, rank, machines, port), "-m", "crnn_art", *args]
+                procs.append(subprocess.Popen(cmd, stdout=logs[rank], stderr=subprocess.STDOUT, text=True,
+                                              env=full_env, cwd=cwd or ROOT, start_new_session=True))
+            deadline = time.monotonic() + timeout
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                if any(p.poll() not in (None, 0) for p in procs):
+                    deadline = min(deadline, time.monotonic() + 30)  # one failed: its peers get 30 s to notice
+                time.sleep(0.2)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    with suppress(ProcessLookupError):  # the launcher stops its processes (in their own sessions)
+                        os.killpg(proc.pid, signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=40)
+                except subprocess.TimeoutExpired:
+                    with suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+    codes = [p.returncode for p in procs]
+    if any(codes):
+        report = "\n".join(f"--- machine {rank} exited {code}:\n{out[-4000:]}"
+                           for rank, (code, out) in enumerate(zip(codes, outputs, strict=True)))
+        raise AssertionError(f"crnn-art {' '.join(args[:1])} on {machines} machines failed:\n{report}")
+    return outputs
+
+
 def _free_port() -> int:
     import socket
 
@@ -86,7 +152,8 @@ def read_history(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
 
 
-E2E_SIGNS = ("run_cli(", "subprocess.", "Popen(", "cli_main([\"train\"", "main([\"train\"", "train(run")
+E2E_SIGNS = ("run_cli(", "run_cli_on_machines(", "subprocess.", "Popen(", "cli_main([\"train\"",
+             "main([\"train\"", "train(run")
 """What makes a test end to end: it starts processes or trains a model (in its body or in a fixture it uses)."""
 
 
@@ -112,5 +179,5 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if _uses(item, E2E_SIGNS):
             item.add_marker(pytest.mark.e2e)
-        if _uses(item, ("processes=2", "processes=processes", "CPU_2PROC", "--num_processes")):
+        if _uses(item, ("processes=2", "processes=processes", "CPU_2PROC", "--num_processes", "run_cli_on_machines(")):
             item.add_marker(pytest.mark.distributed)

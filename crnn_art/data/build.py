@@ -11,9 +11,7 @@ import numpy as np
 import torch
 
 from crnn_art.config import RunConfig, config_text
-from crnn_art.errors import DataError
 from crnn_art.data.loaders import DrawnBatches, PaintingDataset
-from crnn_art.runs import atomic_write_text
 from crnn_art.data.sampling import GlobalDrawBatchSampler, balanced_weights, local_batch_size
 from crnn_art.data.sources import TaskLabels, make_splits, open_source, task_labels, write_splits
 from crnn_art.data.streaming import balanced_class_weights, materialize_split, streamed_batches
@@ -25,6 +23,8 @@ from crnn_art.data.transforms import (
     train_transform,
     worker_transform,
 )
+from crnn_art.errors import DataError
+from crnn_art.runs import atomic_write_text
 
 STREAMED = "streamed"
 """The folder of a streamed run where the splits it evaluates are kept after one read of the stream."""

@@ -116,20 +116,9 @@ def _angle(rng: np.random.Generator, direction: str) -> float:
     return float(rng.uniform(0, math.pi)) if base is None else base + float(rng.normal(0, 0.12))
 
 
-def paint(recipe: StyleRecipe, genre: str, hue_shift: float, side: int, rng: np.random.Generator) -> Image.Image:
-    """Draw one painting; all randomness comes from ``rng``."""
-    if recipe.background == "dark":
-        bg = (int(rng.integers(5, 30)), int(rng.integers(5, 25)), int(rng.integers(0, 20)))
-    else:
-        bg = _colour(rng, recipe, hue_shift + 0.5 * (recipe.background == "gradient"))
-    img = Image.new("RGB", (side, side), bg)
-    draw = ImageDraw.Draw(img)
-    if recipe.background == "gradient":
-        top = np.array(_colour(rng, recipe, hue_shift))
-        for y in range(side):
-            t = y / max(side - 1, 1)
-            draw.line([(0, y), (side, y)], fill=tuple(int(c) for c in top * (1 - t) + np.array(bg) * t))
-
+def _draw_marks(draw: ImageDraw.ImageDraw, recipe: StyleRecipe, hue_shift: float, side: int,
+                rng: np.random.Generator) -> None:
+    """The style's marks (bands, dots, dabs, strokes, blocks or polygons) over the background."""
     size = max(2.0, recipe.mark_size * side)
     if recipe.marks == "bands":
         n = max(2, recipe.density + int(rng.integers(-1, 2)))
@@ -167,6 +156,23 @@ def paint(recipe: StyleRecipe, genre: str, hue_shift: float, side: int, rng: np.
             pts = [(cx + rng.normal(0, size / 2), cy + rng.normal(0, size / 2)) for _ in range(4)]
             draw.polygon(pts, fill=_colour(rng, recipe, hue_shift), outline=(40, 30, 20))
 
+
+
+def paint(recipe: StyleRecipe, genre: str, hue_shift: float, side: int, rng: np.random.Generator) -> Image.Image:
+    """Draw one painting; all randomness comes from ``rng``."""
+    if recipe.background == "dark":
+        bg = (int(rng.integers(5, 30)), int(rng.integers(5, 25)), int(rng.integers(0, 20)))
+    else:
+        bg = _colour(rng, recipe, hue_shift + 0.5 * (recipe.background == "gradient"))
+    img = Image.new("RGB", (side, side), bg)
+    draw = ImageDraw.Draw(img)
+    if recipe.background == "gradient":
+        top = np.array(_colour(rng, recipe, hue_shift))
+        for y in range(side):
+            t = y / max(side - 1, 1)
+            draw.line([(0, y), (side, y)], fill=tuple(int(c) for c in top * (1 - t) + np.array(bg) * t))
+
+    _draw_marks(draw, recipe, hue_shift, side, rng)
     _compose_genre(draw, genre, side, rng)
     if recipe.marks in ("dabs", "dots") and recipe.background != "dark":
         img = img.filter(ImageFilter.SMOOTH)

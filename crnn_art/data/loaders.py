@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from crnn_art.data.decoding import decode_image
-from crnn_art.errors import DecodeError
 from crnn_art.data.sampling import GlobalDrawBatchSampler
+from crnn_art.errors import DecodeError
 
 
 class PaintingDataset(Dataset):

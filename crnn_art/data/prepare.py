@@ -27,8 +27,8 @@ import numpy as np
 
 from crnn_art.config import DataConfig
 from crnn_art.data.decoding import decode_image
-from crnn_art.errors import DecodeError
 from crnn_art.data.sources import MARKER, load_shards, open_source
+from crnn_art.errors import DecodeError
 
 
 def resize_jpeg(value: dict[str, Any], short_side: int, quality: int) -> tuple[bytes | None, int]:

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from crnn_art.config import DataConfig
+from crnn_art.data.schema import IMAGE_EXTENSIONS, SPLITS, UNKNOWN_NAMES, Source, check_schema
 from crnn_art.errors import DataError
 from crnn_art.runs import atomic_write_text
-from crnn_art.data.schema import IMAGE_EXTENSIONS, SPLITS, UNKNOWN_NAMES, Source, check_schema
 
 
 def open_source(cfg: DataConfig) -> Source:

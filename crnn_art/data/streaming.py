@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from crnn_art.config import DataConfig, RunConfig
-from crnn_art.errors import CheckpointError, DataError
 from crnn_art.data.partition import Leg, ProcessShare, epoch_order, process_share, steps_per_epoch
 from crnn_art.data.sampling import mix_seed
 from crnn_art.data.schema import check_schema
+from crnn_art.errors import CheckpointError, DataError
 
 LABEL_COLUMNS = ("artist", "genre", "style")
 
@@ -265,8 +265,9 @@ class StreamedBatches:
 
         legs = [] if legs is None else legs
         if not legs and start_batch > 0:
-            raise CheckpointError(f"the checkpoint stopped in epoch {epoch} of a stream without saying which rows were "
-                                  "read (an older crnn-art): resume from a checkpoint at an epoch's end, or start again")
+            raise CheckpointError(f"the checkpoint stopped in epoch {epoch} of a stream without saying which rows "
+                                  "were read (an older crnn-art): resume from a checkpoint at an epoch's end, or "
+                                  "start again")
         here = Leg(self.world, self.all_workers, start_batch)
         if not legs or (Leg.from_dict(legs[-1]).world, Leg.from_dict(legs[-1]).workers) != (here.world, here.workers):
             legs.append(here.to_dict())

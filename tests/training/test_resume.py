@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -165,24 +164,6 @@ def test_tensorboard_logs_continue_across_a_resume(tmp_path, demo_dir):
             assert acc.Scalars("val/top1")
     assert steps and max(steps) == read_history(run)[-1]["step"]
     assert len(steps) == len(set(steps)) and min(steps) <= 10 < max(steps)
-
-
-def test_two_machines_over_loopback(tmp_path, demo_dir):
-    """Two `accelerate launch` commands as machine_rank 0 and 1, one process each, meeting on 127.0.0.1."""
-    port = str(_free_port())
-    run = tmp_path / "run"
-    procs = []
-    for machine_rank in ("0", "1"):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
-               "--num_processes", "2", "--machine_rank", machine_rank, "--main_process_ip", "127.0.0.1",
-               "--main_process_port", port, "--mixed_precision", "no",
-               "-m", "crnn_art", *train_args(run, demo_dir, train__max_steps=3)]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
-    for proc in procs:
-        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
-    history = read_history(run)
-    assert history[-1]["processes"] == 2 and history[-1]["step"] == 3
 
 
 def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path, demo_dir):
