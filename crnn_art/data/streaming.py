@@ -202,12 +202,11 @@ class StreamingPaintings(torch.utils.data.IterableDataset):
         self.seed = seed
         self.epoch = 1
         self.order = np.zeros(0, dtype=np.int64)
-        self.share = ProcessShare([np.zeros(0, dtype=np.int64)], 0, [])
-        self.block = 1
+        self.share = ProcessShare([np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], 0, [])
 
-    def begin(self, epoch: int, order: np.ndarray, share: ProcessShare, block: int) -> None:
+    def begin(self, epoch: int, order: np.ndarray, share: ProcessShare) -> None:
         """What the next DataLoader over this dataset reads (set before it starts its workers)."""
-        self.epoch, self.order, self.share, self.block = epoch, order, share, block
+        self.epoch, self.order, self.share = epoch, order, share
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from crnn_art.data.loaders import load_sample
@@ -216,7 +215,7 @@ class StreamingPaintings(torch.utils.data.IterableDataset):
         workers = len(self.share.worker_positions)
         logical = ((info.id if info is not None else 0) + self.share.rotation) % workers
         positions = self.share.worker_positions[logical]
-        for record in read_rows(self.pieces, self.order[positions], positions // self.block):
+        for record in read_rows(self.pieces, self.order[positions], self.share.worker_blocks[logical]):
             row = record["row"]
             yield load_sample({"bytes": record["bytes"], "path": record["path"]}, self.labels[row], row,
                               self.transform, self.min_side, mix_seed(self.seed, self.epoch, row))
@@ -227,8 +226,8 @@ def _identity(sample: Any) -> Any:
 
 
 def padding_sample(transform, image_size: int, heads: int) -> dict[str, Any]:
-    """What fills a micro-batch of the epoch's last, smaller step up to 2 samples (BatchNorm and MixUp need
-    two): a black image with every label unknown and row -1, so it adds nothing to the loss or the counts."""
+    """What fills a micro-batch of the epoch's last, smaller step that has no decoded image at all: a black image
+    with every label unknown and row -1 (no loss, no count; the step keeps BatchNorm's statistics from it)."""
     from PIL import Image
 
     with torch.random.fork_rng(devices=[]):
@@ -272,18 +271,27 @@ class StreamedBatches:
         if not legs or (Leg.from_dict(legs[-1]).world, Leg.from_dict(legs[-1]).workers) != (here.world, here.workers):
             legs.append(here.to_dict())
         share = process_share(self.total, [Leg.from_dict(leg) for leg in legs], start_batch, self.global_batch,
-                              self.accum, self.rank)
-        self.dataset.begin(epoch, epoch_order(self.piece_rows, self.seed, epoch, self.block), share, self.block)
+                              self.accum, self.rank, epoch, self.seed, self.block)
+        self.dataset.begin(epoch, epoch_order(self.piece_rows, self.seed, epoch), share)
         loader = DataLoader(self.dataset, batch_size=None, collate_fn=_identity, **worker_options(self.workers),
                             generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))
         return self._batches(iter(loader), share.micro_batches)
 
     def _batches(self, samples: Iterator[dict[str, Any]], sizes: list[int]) -> Iterator[dict[str, Any]]:
+        """Group the samples; the micro-batches of the epoch's last, smaller step are filled up to 2 decoded images
+        (BatchNorm and MixUp need two) with unlabelled copies of one of theirs (row -1: no loss, no count), or with
+        ``self.pad`` where none decoded."""
         from crnn_art.data.loaders import collate
 
-        for size in sizes:
+        last_step = len(sizes) - (self.accum if self.total % self.global_batch else 0)
+        for i, size in enumerate(sizes):
             taken = [next(samples) for _ in range(size)]
-            yield collate(taken + [self.pad] * max(0, 2 - size), keep_skipped=False)
+            if i >= last_step:
+                decoded = [s for s in taken if not s["skipped"]]
+                like = decoded[-1] if decoded else self.pad
+                filler = {**like, "labels": torch.full_like(like["labels"], -1), "row": -1}
+                taken += [filler] * max(0, 2 - len(decoded))
+            yield collate(taken, keep_skipped=False)
 
 
 def streamed_batches(src: StreamSource, train_rows: np.ndarray, labels: np.ndarray, transform, min_side: int,

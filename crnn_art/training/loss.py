@@ -56,13 +56,15 @@ class BatchMixer:
 
 def soft_target_loss(
     logits: dict[str, torch.Tensor], targets: torch.Tensor, sizes: dict[str, int], smoothing: float,
-    class_weights: dict[str, torch.Tensor] | None = None,
+    class_weights: dict[str, torch.Tensor] | None = None, head_scale: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum over heads of each head's mean soft cross-entropy over its known label mass.
 
     With ``class_weights`` (streamed runs balance classes in the loss) each class's term is weighed by
     that class's weight, the smoothing term's included, and the mean is over the weighted label mass:
     for hard labels exactly ``F.cross_entropy(weight=w, label_smoothing=s)`` (PyTorch's definition).
+    ``head_scale`` multiplies each head's term in the total (a micro-batch's share of the step's label mass);
+    ``per_head`` stays unscaled.
     """
     total = torch.zeros((), device=targets.device)
     per_head = {}
@@ -77,5 +79,5 @@ def soft_target_loss(
         denom = (block * weight).sum().clamp(min=1e-8)
         loss = -(smoothed * log_probs).sum() / denom
         per_head[head] = loss.detach()
-        total = total + loss
+        total = total + (loss if head_scale is None else loss * head_scale[head])
     return total, per_head

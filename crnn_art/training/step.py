@@ -63,19 +63,21 @@ class TrainStep:
         self.device_augment, self.bad, self.run_dir = device_augment, bad, run_dir
         self.mixer = BatchMixer(cfg.augment)
         self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
+        self.mass_weights = {h: (torch.ones(n, dtype=torch.float64) if class_weights is None else
+                                 class_weights[h].detach().cpu().double()) for h, n in head_sizes.items()}
 
     def __call__(self, batches: Iterator[dict[str, Any]], state: TrainState, frozen: bool,
                  stop_requested: int | None) -> StepResult:
         torch.manual_seed(step_seed(self.t.seed, state.step, self.rank))  # dropout: a function of (seed, step, rank)
         micro_batches = [next(batches) for _ in range(self.t.grad_accum_steps)]
-        unusable, stop, images = self._agree_before_forward(micro_batches, state, stop_requested)
+        unusable, stop, masses = self._agree_before_forward(micro_batches, state, stop_requested)
         loss = None
         if unusable:
             state.data_skipped_steps += 1
         else:
             # a non-finite forward also writes NaN into BatchNorm's running statistics: a skipped step puts them back
             buffers = [b.detach().clone() for b in self.raw_model.buffers()]
-            local_loss, finite = self._forward_backward(micro_batches, state.step, frozen, images)
+            local_loss, finite = self._forward_backward(micro_batches, state.step, frozen, masses)
             loss = self._update(local_loss, finite, state)
             if loss is None:
                 with torch.no_grad():
@@ -86,29 +88,39 @@ class TrainStep:
         return StepResult(loss, stop, [b["row"][b["row"] >= 0] for b in micro_batches])
 
     def _agree_before_forward(self, micro_batches: list[dict[str, Any]], state: TrainState,
-                              stop_requested: int | None) -> tuple[bool, int | None, int]:
+                              stop_requested: int | None) -> tuple[bool, int | None, list[float]]:
         """One all-reduce before any forward: whether a micro-batch anywhere kept fewer than 2 decodable images
-        (then every process skips the step: DDP needs all of them in each backward), how many images failed,
-        were drawn and will be trained on (all processes), and whether any process was asked to stop."""
+        (then every process skips the step: DDP needs all of them in each backward), how many images failed and
+        were drawn, the step's label mass per head (all processes), and whether any process was asked to stop."""
+        mass = torch.stack([self._label_mass(b) for b in micro_batches]).sum(dim=0)
         agreed = self.accelerator.reduce(torch.tensor(
             [*self.bad.collect(micro_batches), float(stop_requested == signal.SIGTERM),
-             float(stop_requested == signal.SIGINT), float(sum(_images(b) for b in micro_batches))],
+             float(stop_requested == signal.SIGINT), *mass.tolist()], dtype=torch.float64,
             device=self.device), reduction="sum").tolist()
         self.bad.count(state, int(agreed[1]), int(agreed[2]))
         state.epoch_skipped_images += int(agreed[1])
         stop = signal.SIGINT if agreed[4] > 0 else signal.SIGTERM if agreed[3] > 0 else None
-        return agreed[0] > 0, stop, int(agreed[5])
+        return agreed[0] > 0, stop, agreed[5:]
+
+    def _label_mass(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Per head, the micro-batch's known labels weighed by their class weights (1 without): the denominator of
+        its loss (MixUp/CutMix mix within the batch, which keeps that sum)."""
+        labels = batch["labels"]
+        return torch.stack([self.mass_weights[head][labels[:, h][labels[:, h] >= 0]].sum()
+                            for h, head in enumerate(self.head_sizes)])
 
     def _forward_backward(self, micro_batches: list[dict[str, Any]], step: int, frozen: bool,
-                          step_images: int) -> tuple[torch.Tensor, bool]:
+                          masses: list[float]) -> tuple[torch.Tensor, bool]:
         """Accumulate the gradients of every micro-batch; returns this process's share of the step's loss and
         whether it is finite (the gradient norm included, except under fp16, whose loss scaler handles inf
         gradients itself).
 
-        A micro-batch's mean loss is weighed by its share of the ``step_images`` of the whole step (all processes):
-        DDP averages processes equally, so a process with fewer images (undecodable files, a stream's last,
-        smaller step) would otherwise weigh each of its images more. With equal micro-batches the weight is
-        exactly 1 and the loss exactly the plain mean."""
+        Each head's mean loss over a micro-batch is weighed by the micro-batch's share of that head's label mass
+        in the whole step (``masses``, all processes): DDP averages processes equally, so a process with fewer
+        (or lighter) labels (undecodable files, unknown labels, a stream's last, smaller step) would otherwise
+        weigh each of its labels more. The step's loss is then exactly the loss over the global batch (for one
+        head and hard labels, ``F.cross_entropy(weight=...)`` over all of it). With equal micro-batches the weight
+        is exactly 1."""
         t, acc = self.t, self.accelerator
         local_loss = torch.zeros((), device=self.device)
         finite = True
@@ -118,14 +130,21 @@ class TrainStep:
                 images = self.device_augment(images, mix_seed(t.seed, 0xA06, step, micro, self.rank))
             targets = one_hot_targets(batch["labels"], list(self.head_sizes.values())).to(self.device)
             images, targets, _ = self.mixer(images, targets, mix_seed(t.seed, step, micro, self.rank))
+            share = [m * self.world * t.grad_accum_steps / total if total > 0 else 0.0
+                     for m, total in zip(self._label_mass(batch).tolist(), masses, strict=True)]
+            # padding alone (a stream's last step): its forward must not move BatchNorm's running statistics
+            saved = [b.detach().clone() for b in self.raw_model.buffers()] if _images(batch) == 0 else None
             # gradients are all-reduced once, on the last micro-batch
             with contextlib.nullcontext() if micro == t.grad_accum_steps - 1 else acc.no_sync(self.model):
                 with acc.autocast():
                     loss, _ = soft_target_loss(self.model(images).logits, targets, self.head_sizes, t.label_smoothing,
-                                               self.class_weights)
+                                               self.class_weights, dict(zip(self.head_sizes, share, strict=True)))
                 finite = finite and bool(torch.isfinite(loss))
-                loss = loss * (_images(batch) * self.world * t.grad_accum_steps / max(step_images, 1))
                 acc.backward(loss / t.grad_accum_steps)
+            if saved is not None:
+                with torch.no_grad():
+                    for live, kept in zip(self.raw_model.buffers(), saved, strict=True):
+                        live.copy_(kept)
             local_loss += loss.detach().float() / t.grad_accum_steps
         if frozen:
             for p in self.raw_model.stem_parameters():

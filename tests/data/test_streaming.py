@@ -16,6 +16,7 @@ from crnn_art.data.partition import (
     epoch_shares,
     hub_like_layout,
     planning_figures,
+    shuffle_blocks,
     steps_per_epoch,
 )
 from crnn_art.data.sources import make_splits, open_source, read_splits, task_labels
@@ -44,7 +45,7 @@ def opened_both(repo, task: str = "combined"):
 
 def _whole_epoch(stream, wanted: np.ndarray, epoch: int = 1, block: int = 20) -> list[dict]:
     piece_rows = [p.first_row + np.flatnonzero(wanted[p.first_row:p.first_row + p.num_rows]) for p in stream.pieces]
-    order = epoch_order(piece_rows, seed=3, epoch=epoch, block=block)
+    order = epoch_order(piece_rows, seed=3, epoch=epoch)
     positions = np.arange(len(order))
     return list(read_rows(stream.pieces, order[positions], positions // block))
 
@@ -88,7 +89,7 @@ def _run_legs(total: int, global_batch: int, accum: int, plan: list[tuple[int, t
     batch, steps_done = 0, []
     for i, (world, workers, steps) in enumerate(plan):
         legs.append(Leg(world, workers, batch))
-        shares = epoch_shares(total, legs, batch, global_batch, accum)
+        shares = epoch_shares(total, legs, batch, global_batch, accum, epoch=1, seed=0, block=7)
         end = steps_per_epoch(total, global_batch) if i == len(plan) - 1 else batch + steps
         streams = [_interleave(s) for s in shares]
         for step in range(batch, end):
@@ -126,24 +127,36 @@ def test_every_row_once_per_epoch_on_any_world_and_across_restarts(total, global
 
 
 def test_a_process_reads_consecutive_shards_and_each_worker_its_own():
-    """I/O stays local: in epoch order a process's range (and each worker's part of it) is one run of positions,
-    so it spans consecutive shuffle blocks, and the blocks hold consecutive shards."""
-    shares = epoch_shares(10_000, [Leg(8, (3,) * 8, 0)], 0, 64, 1)
-    ends = []
-    for share in shares:
-        for part in share.worker_positions:
-            assert np.array_equal(part, np.arange(part[0], part[-1] + 1))
-            ends.append((int(part[0]), int(part[-1])))
-    assert [e[0] for e in ends[1:]] == [e[1] + 1 for e in ends[:-1]]
+    """I/O stays local: in epoch (shard) order each worker's part is one run of positions, next to its neighbour's,
+    and it reads that run one shuffle block after another, each block a run of its own (so a shard is read by
+    at most two consecutive blocks, which the reader keeps in hand), also after a resume on another world."""
+    legs = [Leg(8, (3,) * 8, 0), Leg(5, (2, 1, 4, 1, 1), 40)]
+    for upto, start in ((legs[:1], 0), (legs, 40)):
+        shares = epoch_shares(10_000, upto, start, 64, 1, epoch=2, seed=0, block=50)
+        ends = []
+        for share in shares:
+            for part, blocks in zip(share.worker_positions, share.worker_blocks, strict=True):
+                if start == 0:
+                    assert np.array_equal(np.sort(part), np.arange(part.min(), part.max() + 1))
+                    ends.append((int(part.min()), int(part.max())))
+                runs = [np.sort(part[blocks == b]) for b in np.unique(blocks)]
+                assert all(np.all(np.diff(r) >= 1) for r in runs)
+                assert all(a[-1] < b[0] for a, b in zip(runs[:-1], runs[1:], strict=True))  # block after block
+                assert max(len(r) for r in runs) <= 50
+        if start == 0:
+            assert [e[0] for e in ends[1:]] == [e[1] + 1 for e in ends[:-1]]
 
 
 def test_the_epoch_order_is_a_function_of_seed_and_epoch_and_keeps_shards_together():
     shards = [np.arange(i * 10, i * 10 + 10) for i in range(30)]
-    a, b = epoch_order(shards, 0, 1, block=20), epoch_order(shards, 0, 2, block=20)
+    a, b = epoch_order(shards, 0, 1), epoch_order(shards, 0, 2)
     assert sorted(a.tolist()) == list(range(300)) and not np.array_equal(a, b)
-    assert np.array_equal(a, epoch_order(shards, 0, 1, block=20))
-    for start in range(0, 300, 20):  # a block of 20 rows holds exactly two whole shards
-        assert len({int(r) // 10 for r in a[start:start + 20]}) == 2
+    assert np.array_equal(a, epoch_order(shards, 0, 1))
+    for start in range(0, 300, 10):  # each shard's rows together, in file order
+        assert np.array_equal(a[start:start + 10], np.arange(a[start], a[start] + 10))
+    mixed = shuffle_blocks(np.arange(100), 20, seed=1)
+    assert all(sorted(mixed[i:i + 20].tolist()) == list(range(i, i + 20)) for i in range(0, 100, 20))
+    assert not np.array_equal(mixed, np.arange(100))
 
 
 def test_planning_uses_every_row_at_cluster_scale_in_well_under_two_seconds():

@@ -26,11 +26,10 @@ def batch(images: int, failed: int = 0, nan: bool = False) -> dict:
             "skipped": torch.tensor(failed), "failed": [(100 + i, f"bad-{i}.jpg", "broken") for i in range(failed)]}
 
 
-@pytest.fixture
-def step(tmp_path):
+def make_step(tmp_path, *extra: str) -> TrainStep:
     torch.manual_seed(0)
     cfg = resolve_config(None, None, ["augment.mixup_prob=0", "augment.cutmix_prob=0", "train.max_bad_steps=2",
-                                      "model.backbone_weights=null", "data.image_size=32"])
+                                      "model.backbone_weights=null", "data.image_size=32", *extra])
     accelerator = make_accelerator("no", cpu=True)
     model = CRNNArtClassifier(heads={"style": 3}, backbone_weights=None, image_size=32)
     optimizer = build_optimizer(model, cfg)
@@ -39,6 +38,11 @@ def step(tmp_path):
     bad = BadImages(tmp_path, cfg.data.max_bad_fraction, True)
     return TrainStep(accelerator, model, model, optimizer, scheduler, None, cfg, {"style": 3}, None, None, bad,
                      tmp_path)
+
+
+@pytest.fixture
+def step(tmp_path):
+    return make_step(tmp_path)
 
 
 def weights(step: TrainStep) -> dict[str, torch.Tensor]:
@@ -108,3 +112,43 @@ def test_an_image_cell_holding_nothing_is_a_counted_skip():
     """A prepared folder stores a broken original as an empty image cell."""
     sample = load_sample(None, torch.tensor([1]), 7, lambda image: image, 32, None)
     assert sample["skipped"] and sample["failed"][0] == 7 and sample["failed"][1] == ""
+
+
+def padding(like: dict, n: int = 2) -> dict:
+    """A micro-batch of the unlabelled filler a stream's last step adds (row -1)."""
+    return {**like, "image": like["image"][:1].repeat(n, 1, 1, 1), "labels": torch.full((n, 1), -1),
+            "row": torch.full((n,), -1), "skipped": torch.tensor(0), "failed": []}
+
+
+def test_padding_alone_changes_neither_the_gradient_nor_batchnorm_statistics(tmp_path):
+    """A stream's last step may leave a process a micro-batch of padding only: the step equals the step without it
+    (its loss weighs 0, BatchNorm's running statistics are put back after its forward)."""
+    real = batch(2)
+    alone, padded = make_step(tmp_path / "a"), make_step(tmp_path / "b", "train.grad_accum_steps=2")
+    alone(iter([real]), TrainState(), frozen=False, stop_requested=None)
+    padded(iter([real, padding(real)]), TrainState(), frozen=False, stop_requested=None)
+    a, b = weights(alone), weights(padded)
+    for key in a:
+        if "running" in key or "num_batches" in key:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_uneven_micro_batches_weigh_every_label_the_same(tmp_path):
+    """Micro-batches of 4 and 2 images: the step's loss is the mean over the 6 labels (each micro-batch's mean
+    weighed by its share), not the mean of the two means."""
+    first, second = batch(4), batch(2)
+    second["labels"] = torch.tensor([[2], [2]])
+    step = make_step(tmp_path, "train.grad_accum_steps=2", "model.dropout=0", "model.gru_dropout=0")
+    step.raw_model.eval()  # BatchNorm from running statistics: each image's loss does not depend on its batch
+    step.raw_model.train = lambda mode=True: step.raw_model  # keep it so inside the step
+    with torch.no_grad():
+        logits = step.raw_model(torch.cat([first["image"], second["image"]])).logits["style"]
+        labels = torch.cat([first["labels"], second["labels"]])[:, 0]
+        per_image = torch.nn.functional.cross_entropy(logits, labels, reduction="none",
+                                                      label_smoothing=step.t.label_smoothing)
+        means = [per_image[:4].mean(), per_image[4:].mean()]
+    result = step(iter([first, second]), TrainState(), frozen=False, stop_requested=None)
+    assert result.loss == pytest.approx(float(per_image.mean()), rel=1e-5)
+    assert result.loss != pytest.approx(float(sum(means) / 2), rel=1e-3)
