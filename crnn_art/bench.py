@@ -78,18 +78,32 @@ def _timed(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device)
     return float(np.median(times))
 
 
-def _train_step(name: str, device: torch.device, fmt: torch.memory_format, precision: str, x: torch.Tensor,
-                y: torch.Tensor) -> tuple[Callable[[], None], torch.nn.Module]:
-    """One training step of the CRNN or of a bare ResNet-50 (27 classes) on a fixed batch."""
-    from torchvision.models import resnet50
+def _bare_backbone(backbone: str, size: int) -> torch.nn.Module:
+    """The backbone alone with its own 27-class classifier: what the CRNN's cost is measured against."""
+    if backbone == "resnet50":
+        from torchvision.models import resnet50
 
+        return resnet50(num_classes=27)
+    import timm
+
+    name = backbone.removeprefix("timm:")
+    try:
+        return timm.create_model(name, num_classes=27, img_size=size)
+    except TypeError:
+        return timm.create_model(name, num_classes=27)
+
+
+def _train_step(name: str, device: torch.device, fmt: torch.memory_format, precision: str, x: torch.Tensor,
+                y: torch.Tensor, backbone: str = "resnet50") -> tuple[Callable[[], None], torch.nn.Module]:
+    """One training step of the CRNN (``name="crnn"``) or of the bare backbone (27 classes) on a fixed batch."""
     from crnn_art.model import CRNNArtClassifier
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if name == "crnn":
-        net, logits_of = CRNNArtClassifier(heads={"style": 27}), lambda out: out.logits["style"]
+        net = CRNNArtClassifier(heads={"style": 27}, backbone=backbone, backbone_weights=None, image_size=x.shape[-1])
+        logits_of = lambda out: out.logits["style"]  # noqa: E731
     else:
-        net, logits_of = resnet50(num_classes=27), lambda out: out
+        net, logits_of = _bare_backbone(backbone, x.shape[-1]), lambda out: out
     net = net.to(device).to(memory_format=fmt).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -116,8 +130,8 @@ def _alternating_times(steps_by_name: dict[str, Callable[[], None]], steps: int,
 
 
 def bench_training(device: torch.device, size: int, batch: int, steps: int, precision: str,
-                   channels_last: bool) -> dict[str, Any]:
-    """Train-step time of the CRNN and of a bare ResNet-50 (27 classes), same settings.
+                   channels_last: bool, backbone: str = "resnet50") -> dict[str, Any]:
+    """Train-step time of the CRNN and of its bare backbone (ResNet-50 by default; 27 classes), same settings.
 
     Peak memory is taken with each model alone. The timed steps then alternate (CRNN, ResNet,
     CRNN, ...), so a machine that slows down or speeds up mid-run (shared cores, clocks) moves
@@ -127,16 +141,16 @@ def bench_training(device: torch.device, size: int, batch: int, steps: int, prec
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=fmt)
     y = torch.randint(0, 27, (batch,), device=device)
-    names = ("crnn", "resnet50")
+    names = ("crnn", "backbone")
     results: dict[str, Any] = {}
     for name in names:
-        step, net = _train_step(name, device, fmt, precision, x, y)
+        step, net = _train_step(name, device, fmt, precision, x, y, backbone)
         step()
         _reset_peak(device)
         step()
         results[name] = {"peak_mb": _peak_mb(device)}
         del step, net
-    steppers = {name: _train_step(name, device, fmt, precision, x, y) for name in names}
+    steppers = {name: _train_step(name, device, fmt, precision, x, y, backbone) for name in names}
     for step, _ in steppers.values():
         step()  # warm-up
     times = _alternating_times({name: step for name, (step, _) in steppers.items()}, steps, device)
@@ -145,7 +159,7 @@ def bench_training(device: torch.device, size: int, batch: int, steps: int, prec
         results[name]["images_per_s"] = batch / results[name]["step_s"]
     # The ratio of each CRNN step to the ResNet step right after it, then the median: the pairing is
     # what the alternation is for (single steps on 2 shared cores move by +-8 %).
-    paired = np.array(times["crnn"]) / np.array(times["resnet50"])
+    paired = np.array(times["crnn"]) / np.array(times["backbone"])
     crnn = steppers["crnn"][1].eval()
     del steppers
     with torch.no_grad():
@@ -157,7 +171,7 @@ def bench_training(device: torch.device, size: int, batch: int, steps: int, prec
         eval_s = _timed(infer, steps, warmup=1, device=device)
     results["eval"] = {"images_per_s": batch / eval_s, "peak_mb": _peak_mb(device)}
     results["ratio"] = float(np.median(paired))
-    results["ratio_of_medians"] = results["crnn"]["step_s"] / results["resnet50"]["step_s"]
+    results["ratio_of_medians"] = results["crnn"]["step_s"] / results["backbone"]["step_s"]
     return results
 
 
@@ -372,6 +386,20 @@ def crnn_train_flops(size: int) -> float:
     with FlopCounterMode(display=False) as counter:
         net(x).logits["style"].sum().backward()
     return float(counter.get_total_flops())
+
+
+def bench_backbones(backbones: list[str], device: str, size: int, batch: int, steps: int,
+                    precision: str) -> list[dict[str, Any]]:
+    """``crnn-art bench --backbone ...``: for each backbone, the CRNN's train step against the bare backbone's
+    (channels-last, random init), measured as ``bench_training`` does (alternating steps, median pair ratio)."""
+    from crnn_art.backbones import backbone_problem
+
+    for name in backbones:
+        problem = backbone_problem(name)
+        if problem:
+            raise ConfigError(problem.replace("model.backbone", "--backbone"))
+    dev = torch.device(device)
+    return [{"name": name, **bench_training(dev, size, batch, steps, precision, True, name)} for name in backbones]
 
 
 STREAM_SIZES = ((8, 8), (16, 4), (32, 2), (64, 2), (64, 16), (256, 2), (256, 16))

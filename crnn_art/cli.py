@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time the CRNN with its trunk under torch.compile (model.compile_trunk); "
                          "compiling takes a minute or more")
     be.add_argument("--json", action="store_true", help="print the report as JSON")
+    be.add_argument("--backbone", nargs="+", default=None, metavar="NAME",
+                    help="only the CRNN's train step on these backbones (resnet50, timm:NAME) vs each bare backbone")
     be.add_argument("--streaming-plan", action="store_true",
                     help="only the streaming partition at 8-256 processes (no model, no I/O; seconds)")
 
@@ -256,8 +258,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> None:
     import json
 
-    from crnn_art.bench import bench_streaming_plan, run_bench
-    from crnn_art.console import make_console, make_progress, print_bench_report, streaming_plan_table
+    from crnn_art.bench import bench_backbones, bench_streaming_plan, run_bench
+    from crnn_art.console import (
+        backbone_table,
+        make_console,
+        make_progress,
+        print_bench_report,
+        streaming_plan_table,
+    )
+
+    if args.backbone:
+        rows = bench_backbones(args.backbone, args.device, args.image_size, args.batch[0], args.steps, args.precision)
+        print(json.dumps(rows, indent=2)) if args.json else make_console().print(
+            backbone_table(rows, args.image_size, args.batch[0]))
+        return
 
     if args.streaming_plan:
         plans = bench_streaming_plan()

@@ -89,10 +89,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    backbone: str = "resnet50"
+    """resnet50 (torchvision), or timm:NAME for any timm model with a 2-D feature map (CNN stages, ViT patch
+    tokens), e.g. timm:convnext_tiny."""
     backbone_weights: str | None = "imagenet"
-    """'imagenet' (torchvision IMAGENET1K_V2), a local ResNet-50 file, or null (random init)."""
+    """'imagenet' (torchvision IMAGENET1K_V2 for resnet50, timm's own pretrained weights for timm:NAME), a local
+    state-dict file of the backbone, or null (random init)."""
     proj_channels: int = 320
-    """Channels of the 1x1 projection of the ResNet-50 feature map (2048) before the GRUs."""
+    """Channels of the 1x1 projection of the backbone's feature map (2048 for ResNet-50) before the GRUs."""
     gru_hidden: int = 256
     """Hidden size of each direction of the row and column GRUs."""
     gru_layers: int = 2
@@ -163,7 +167,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 = no clipping (the norm is still checked for inf/NaN)."""
     freeze_stem: bool = True
-    """Keep the ResNet stem (conv1, bn1) fixed: its generic edge filters need no retraining."""
+    """Keep the backbone's stem fixed (ResNet-50: conv1, bn1; timm: its first stage): its generic edge filters
+    need no retraining."""
     unfreeze_epoch: int | None = None
     """1-based epoch from which the stem trains too; null keeps it frozen for the whole run."""
     balanced_sampling: bool = True
@@ -403,6 +408,8 @@ def validate(cfg: RunConfig) -> None:
     bw = m.backbone_weights
     need(bw is None or bw == "imagenet" or bw.endswith((".pth", ".pt", ".bin", ".safetensors")),
          "model.backbone_weights", "use 'imagenet', a .pth/.pt/.bin/.safetensors file, or null", bw)
+    need(m.backbone == "resnet50" or (m.backbone.startswith("timm:") and len(m.backbone) > 5), "model.backbone",
+         "use resnet50 or timm:NAME, a timm model with a 2-D feature map (e.g. timm:convnext_tiny)", m.backbone)
     for key in ("proj_channels", "gru_hidden", "gru_layers"):
         need(getattr(m, key) >= 1, f"model.{key}", "use a positive integer", getattr(m, key))
     for key in ("gru_dropout", "dropout"):

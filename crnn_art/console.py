@@ -123,6 +123,17 @@ def streaming_plan_table(plans: list[dict[str, Any]]) -> Table:
     return table
 
 
+def backbone_table(rows: list[dict[str, Any]], size: int, batch: int) -> Table:
+    """``crnn-art bench --backbone``: the CRNN on each backbone against the bare backbone."""
+    table = Table(title=f"CRNN vs bare backbone, train step, {size} px, batch {batch}")
+    for column in ("backbone", "CRNN img/s", "backbone img/s", "CRNN / backbone step time", "CRNN peak MB"):
+        table.add_column(column, justify="left" if column == "backbone" else "right")
+    for r in rows:
+        table.add_row(r["name"], f"{r['crnn']['images_per_s']:.1f}", f"{r['backbone']['images_per_s']:.1f}",
+                      f"{r['ratio']:.3f}x", f"{r['crnn']['peak_mb']:.0f}")
+    return table
+
+
 def print_bench_report(console: Console, report: dict[str, Any], targets: dict[str, float]) -> None:
     """``crnn-art bench``'s figures as a table, then the targets each one meets or misses."""
     s = report["settings"]
@@ -134,8 +145,8 @@ def print_bench_report(console: Console, report: dict[str, Any], targets: dict[s
     for layout, r in report["training"].items():
         table.add_row(f"train step CRNN ({layout})", f"{r['crnn']['images_per_s']:.1f} img/s",
                       f"{r['crnn']['peak_mb']:.0f}")
-        table.add_row(f"train step ResNet-50 ({layout})", f"{r['resnet50']['images_per_s']:.1f} img/s",
-                      f"{r['resnet50']['peak_mb']:.0f}")
+        table.add_row(f"train step ResNet-50 ({layout})", f"{r['backbone']['images_per_s']:.1f} img/s",
+                      f"{r['backbone']['peak_mb']:.0f}")
         table.add_row(f"  CRNN / ResNet-50 step time ({layout})", f"{r['ratio']:.3f}x", "")
         table.add_row(f"evaluation CRNN ({layout})", f"{r['eval']['images_per_s']:.1f} img/s",
                       f"{r['eval']['peak_mb']:.0f}")

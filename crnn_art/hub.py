@@ -191,9 +191,10 @@ def _card_text(cfg, config: dict, run_dir: Path, model_dir: Path, metrics: dict,
         WIKIART_LIMITS if is_wikiart(cfg.data.source)
         else OWN_DATA_LIMITS.format(dataset=dataset_name))
     backbone = cfg.model.backbone_weights or "random initialisation"
+    trunk = {"resnet50": "ResNet-50"}.get(config.get("backbone", "resnet50"), config.get("backbone", "resnet50"))
     return f"""# crnn-art: {', '.join(heads)} classifier of paintings
 
-A convolutional-recurrent classifier (ResNet-50 trunk, row and column bidirectional GRUs with
+A convolutional-recurrent classifier ({trunk} backbone, row and column bidirectional GRUs with
 attention pooling, one linear head per task) trained with crnn-art on
 **{dataset_name}**. Input: RGB, {config['image_size']} px (evaluation: resize the short side to
 {round(config['image_size'] * 416 / 384)}, centre-crop), ImageNet mean/std. Heads: {classes}.
@@ -275,30 +276,6 @@ def stage_model(checkpoint: str | Path, target: Path, repo_id: str | None = None
         (target / "README.md").write_text(str(model_card(run_dir, folder, repo_id, staged=True)))
         (target / "LICENSE").write_text(_license())
     return target
-
-
-def hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the Hub endpoint (``HF_ENDPOINT``) cannot be reached within ``timeout`` seconds, or None.
-
-    huggingface_hub retries a failed connection five times with back-off (about 25 s) before it gives
-    up; one TCP connection tells at once. None also when offline mode is on (the cache alone is read)
-    or a proxy is set (only huggingface_hub knows how to go through it)."""
-    import os
-    import socket
-    from urllib.parse import urlsplit
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
-                                                                       "all_proxy")):
-        return None
-    url = urlsplit(constants.ENDPOINT)
-    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return None
-    except OSError as exc:
-        return f"{host}:{port} cannot be reached: {exc.strerror or exc}"
 
 
 def check_repo_id(repo_id: str) -> None:

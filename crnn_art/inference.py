@@ -15,7 +15,7 @@ import torch
 
 from crnn_art.data.schema import IMAGE_EXTENSIONS
 from crnn_art.errors import first_line
-from crnn_art.hub import hub_unreachable
+from crnn_art.hub_reach import hub_unreachable
 
 
 def collect_paths(inputs: Iterable[str | Path]) -> list[str]:

@@ -1,4 +1,5 @@
-"""The CRNN: a ResNet-50 trunk read by row and column BiGRUs with attention pooling (docs/model-and-recipe.md).
+"""The CRNN: a backbone (ResNet-50, or any timm model with a 2-D feature map) read by row and column BiGRUs
+with attention pooling (docs/model-and-recipe.md).
 
 A painting's style lives partly in texture (which global pooling keeps) and partly in how that
 texture is laid out: horizontal bands, vertical strokes, block composition. The two recurrent
@@ -16,13 +17,11 @@ from typing import Any
 import torch
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from torch import nn
-from torchvision.models import ResNet50_Weights, resnet50
 
+from crnn_art.backbones import RESNET50, build_trunk, stem_norms, stem_parameters, trunk_channels
 from crnn_art.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from crnn_art.errors import ModelLoadError, first_line
+from crnn_art.errors import ModelLoadError
 
-STEM_MODULES = ("conv1", "bn1")
-TRUNK_MODULES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -89,67 +88,6 @@ class AxisGRU(nn.Module):
             return self.pool(per_line)
 
 
-def _build_trunk(backbone_weights: str | None) -> nn.Sequential:
-    if backbone_weights == "imagenet":
-        try:
-            net = resnet50(weights=ResNet50_Weights.IMAGENET1K_V2)
-        except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
-            raise ModelLoadError(
-                f"could not fetch torchvision's ImageNet ResNet-50 weights ({type(exc).__name__}); "
-                "run once with network access to cache them, or set model.backbone_weights to a local "
-                "ResNet-50 .pth/.safetensors file, or to null for random init"
-            ) from exc
-    else:
-        net = resnet50(weights=None)
-        if backbone_weights is not None:
-            _load_local_backbone(net, backbone_weights)
-    return nn.Sequential(*[getattr(net, name) for name in TRUNK_MODULES])
-
-
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-"""What wrappers put before a ResNet's own keys: DDP and ``AveragedModel`` (EMA) ``module.``,
-``torch.compile`` ``_orig_mod.``, in any combination."""
-
-
-def _backbone_key(key: str) -> str:
-    while key.startswith(WRAPPER_PREFIXES):
-        key = key.removeprefix("module.").removeprefix("_orig_mod.")
-    return key
-
-
-def _load_local_backbone(net: nn.Module, path: str) -> None:
-    """Load a ResNet-50 state dict from a local file without unpickling arbitrary objects."""
-    if not os.path.isfile(path):
-        raise ModelLoadError(
-            f"backbone weights file {path!r} does not exist; give a ResNet-50 .pth or .safetensors "
-            "file, 'imagenet', or null"
-        )
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        first = first_line(exc, empty=type(exc).__name__)
-        raise ModelLoadError(f"cannot read backbone weights {path!r} as tensors ({first}); give a ResNet-50 state "
-                             "dict saved with torch.save(model.state_dict()) or safetensors") from exc
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelLoadError(f"{path!r} holds a {type(state).__name__}, not a state dict; save model.state_dict()")
-    state = {_backbone_key(k): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.") and k != "n_averaged"}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{path!r} is not a torchvision ResNet-50 state dict "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-
-
 class CRNNArtClassifier(
     nn.Module,
     PyTorchModelHubMixin,
@@ -158,14 +96,16 @@ class CRNNArtClassifier(
     pipeline_tag="image-classification",
     license="mit",
 ):
-    """ResNet-50 + row/column BiGRU + attention pooling, one linear head per task.
+    """A backbone + row/column BiGRU + attention pooling, one linear head per task.
 
     Args:
         heads: task name -> number of classes, e.g. ``{"style": 27}`` or
             ``{"style": 27, "genre": 10, "artist": 23}`` for the combined task.
         class_names: task name -> class names (saved in ``config.json`` as each head's id2label).
-        backbone_weights: ``"imagenet"`` (torchvision's IMAGENET1K_V2), a local ResNet-50 file,
-            or ``None`` for random init.
+        backbone_weights: ``"imagenet"`` (torchvision's IMAGENET1K_V2 for ResNet-50, timm's own pretrained
+            weights for a timm backbone), a local state-dict file of the backbone, or ``None`` for random init.
+        backbone: ``"resnet50"`` (torchvision) or ``"timm:NAME"`` (``crnn_art.backbones``); the embedding is
+            the backbone's channels plus ``4 * gru_hidden``.
         image_size: the training crop side, recorded so that inference uses the same size.
     """
 
@@ -182,6 +122,8 @@ class CRNNArtClassifier(
         dropout: float = 0.4,
         mean: tuple[float, float, float] | list[float] = IMAGENET_MEAN,
         std: tuple[float, float, float] | list[float] = IMAGENET_STD,
+        backbone: str = RESNET50,
+        embedding_dim: int | None = None,
     ) -> None:
         super().__init__()
         if not heads or any(int(n) < 1 for n in heads.values()):
@@ -198,19 +140,23 @@ class CRNNArtClassifier(
             "heads": self.heads_spec, "class_names": self.class_names, "backbone_weights": backbone_weights,
             "image_size": self.image_size, "proj_channels": proj_channels, "gru_hidden": gru_hidden,
             "gru_layers": gru_layers, "gru_dropout": gru_dropout, "dropout": dropout,
-            "mean": list(self.mean), "std": list(self.std),
+            "mean": list(self.mean), "std": list(self.std), "backbone": backbone,
         }
 
-        self.trunk = _build_trunk(backbone_weights)
-        trunk_channels = 2048
+        self.trunk = build_trunk(backbone, backbone_weights, self.image_size)
+        channels = trunk_channels(self.trunk)
         self.proj = nn.Sequential(
-            nn.Conv2d(trunk_channels, proj_channels, kernel_size=1, bias=False),
+            nn.Conv2d(channels, proj_channels, kernel_size=1, bias=False),
             nn.BatchNorm2d(proj_channels),
             nn.ReLU(inplace=True),
         )
         self.row_branch = AxisGRU(proj_channels, gru_hidden, gru_layers, gru_dropout, along="rows")
         self.col_branch = AxisGRU(proj_channels, gru_hidden, gru_layers, gru_dropout, along="cols")
-        self.embedding_dim = trunk_channels + 4 * gru_hidden
+        self.embedding_dim = channels + 4 * gru_hidden
+        if embedding_dim is not None and embedding_dim != self.embedding_dim:
+            raise ModelLoadError(f"config.json records an embedding of {embedding_dim} but {backbone} with gru_hidden="
+                                 f"{gru_hidden} gives {self.embedding_dim}: the folder does not fit this crnn-art")
+        self.arch["embedding_dim"] = self.embedding_dim
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleDict({t: nn.Linear(self.embedding_dim, n) for t, n in self.heads_spec.items()})
 
@@ -219,20 +165,26 @@ class CRNNArtClassifier(
         return list(self.trunk.parameters())
 
     def new_parameters(self) -> list[nn.Parameter]:
-        """Everything that is not the ResNet trunk: projection, GRUs, attention pools, heads."""
+        """Everything that is not the backbone: projection, GRUs, attention pools, heads."""
         trunk_ids = {id(p) for p in self.trunk.parameters()}
         return [p for p in self.parameters() if id(p) not in trunk_ids]
 
     def stem_parameters(self) -> list[nn.Parameter]:
-        return [p for i in range(2) for p in self.trunk[i].parameters()]
+        """The backbone's first stage (ResNet-50: conv1 and bn1; timm: its stem or patch embedding)."""
+        return stem_parameters(self.trunk)
+
+    def stem_norms(self) -> list[nn.Module]:
+        """The first stage's BatchNorm layers (none for a ViT or ConvNeXt)."""
+        return stem_norms(self.trunk)
 
     @property
-    def stem_norm(self) -> nn.BatchNorm2d:
-        return self.trunk[1]
+    def _first_conv(self) -> torch.Tensor:
+        """The backbone's first 4-D weight, whose memory layout says whether the model runs channels-last."""
+        return next(p for p in self.trunk.parameters() if p.ndim == 4)
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> CRNNOutput:
-        if self.trunk[0].weight.is_contiguous(memory_format=torch.channels_last):
+        if self._first_conv.is_contiguous(memory_format=torch.channels_last):
             images = images.contiguous(memory_format=torch.channels_last)  # follow the model's layout
         fmap = self.trunk(images)
         global_desc = fmap.mean(dim=(2, 3))

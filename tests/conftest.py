@@ -136,6 +136,23 @@ def run_cli_on_machines(args: list[str], *, machines: int = 2, env: dict | None 
     return outputs
 
 
+@pytest.fixture
+def hub_down(tmp_path, monkeypatch):
+    """The Hub endpoint is a closed local port; huggingface_hub's retry back-off fails the test if it ever runs."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+    def no_retries(seconds):
+        raise AssertionError(f"huggingface_hub retried a request (back-off {seconds} s)")
+
+    monkeypatch.setattr(_http.time, "sleep", no_retries)
+    return tmp_path / "hub-cache"
+
+
 def _free_port() -> int:
     import socket
 

@@ -247,25 +247,6 @@ def test_image_file_names_that_are_not_utf8_are_skipped_and_counted(tmp_path):
     assert len(opened.dataset) == 36 and "1 image file(s) skipped: their names are not valid UTF-8" in opened.note
 
 
-@pytest.fixture
-def hub_down(tmp_path, monkeypatch):
-    """The Hub endpoint is a closed local port; huggingface_hub's retry back-off fails the test if it ever runs."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import _http
-
-    from tests.conftest import _free_port
-
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_free_port()}")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-
-    def no_retries(seconds):
-        raise AssertionError(f"huggingface_hub retried a request (back-off {seconds} s)")
-
-    monkeypatch.setattr(_http.time, "sleep", no_retries)
-    return tmp_path / "hub-cache"
-
-
 def test_a_hub_model_with_the_hub_unreachable_is_one_line_at_once(hub_down, tmp_path, capsys):
     image = tmp_path / "p.jpg"
     painting(48).save(image)

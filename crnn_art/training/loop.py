@@ -21,6 +21,7 @@ import torch
 from accelerate.utils import broadcast, broadcast_object_list, gather_object, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from crnn_art.backbones import backbone_problem
 from crnn_art.checkpoints import (
     CHECKPOINTS,
     HISTORY,
@@ -36,7 +37,7 @@ from crnn_art.console import fmt, make_console, make_progress, metrics_table
 from crnn_art.data.bad_images import BadImages
 from crnn_art.data.build import TrainData, build_train_data
 from crnn_art.data.loaders import eval_loader
-from crnn_art.errors import CheckpointError, DataError, RunFolderError, TrainingStopped, first_line
+from crnn_art.errors import CheckpointError, ConfigError, DataError, RunFolderError, TrainingStopped, first_line
 from crnn_art.evaluation.metrics import METRIC_KEYS, compute_metrics, gather_predictions, selection_score
 from crnn_art.hub import push, write_model_card
 from crnn_art.model import CRNNArtClassifier
@@ -69,7 +70,8 @@ def hold_frozen_stem(model: CRNNArtClassifier) -> None:
     parameters that stop producing gradients after that make it fail (or, with unused-parameter
     search, cost every step); discarding the stem's small gradient is simpler and exact.
     """
-    model.stem_norm.eval()
+    for norm in model.stem_norms():
+        norm.eval()
 
 
 class StopRequests:
@@ -116,6 +118,9 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
     t = cfg.train
     out = Path(output_dir)
     check_output_dir(out)
+    problem = backbone_problem(cfg.model.backbone)  # timm installed, the model known: before any data work
+    if problem:
+        raise ConfigError(problem)
     accelerator = make_accelerator(
         t.mixed_precision,
         log_with=None if t.log_with == "none" else t.log_with,
@@ -260,7 +265,7 @@ def build_model(cfg: RunConfig, data: TrainData) -> CRNNArtClassifier:
     """The CRNN for the run's heads and classes (``channels_last`` when ``model.channels_last``)."""
     m = cfg.model
     model = CRNNArtClassifier(heads=data.labels.num_classes, class_names=data.labels.class_names,
-                              backbone_weights=m.backbone_weights, image_size=cfg.data.image_size,
+                              backbone=m.backbone, backbone_weights=m.backbone_weights, image_size=cfg.data.image_size,
                               proj_channels=m.proj_channels, gru_hidden=m.gru_hidden, gru_layers=m.gru_layers,
                               gru_dropout=m.gru_dropout, dropout=m.dropout)
     return model.to(memory_format=torch.channels_last) if m.channels_last else model
