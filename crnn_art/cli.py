@@ -1,4 +1,4 @@
-"""``crnn-art`` command line: train, evaluate, outliers, explain, prepare (and under ``accelerate launch``)."""
+"""``crnn-art`` command line: train, evaluate, outliers, embed, explain, prepare (and under ``accelerate launch``)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--output-dir", default=None, help="default: RUN/outliers_<split>")
     out.add_argument("--batch-size", type=int, default=None,
                      help="per-process batch (default: the run's train.eval_batch_size)")
+
+    em = sub.add_parser("embed", help="the model's embedding of every painting of a split, as parquet tables")
+    em.add_argument("--checkpoint", required=True, help="a run folder, or its best/ or last/ folder")
+    em.add_argument("--split", default="all", choices=(*SPLITS, "all"), help="the split to embed (default: all)")
+    em.add_argument("--output-dir", default=None, help="default: RUN/embeddings_<model>, e.g. embeddings_best")
+    em.add_argument("--batch-size", type=int, default=None,
+                    help="per-process batch (default: the run's train.eval_batch_size)")
 
     pr = sub.add_parser("prepare", help="convert a source once into resized JPEG shards (fast to train on)")
     pr.add_argument("--source", required=True, help="what data.source would be: a Hub id, folder, artgan, demo")
@@ -232,6 +239,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         find_outliers(args.checkpoint, args.split, args.top, args.select, args.threshold, args.z,
                       args.output_dir, args.known_wrong, args.batch_size)
+    elif args.command == "embed":
+        from crnn_art.evaluation.embeddings import embed_splits
+
+        embed_splits(args.checkpoint, args.split, args.output_dir, args.batch_size)
     elif args.command == "prepare":
         from crnn_art.data.prepare import prepare
 

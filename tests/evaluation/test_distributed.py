@@ -63,3 +63,31 @@ def test_one_and_two_processes_rank_the_same_outliers(two_process_run, tmp_path)
     rows_one = [line.split(",")[1] for line in one]
     rows_two = [line.split(",")[1] for line in two]
     assert rows_one == rows_two
+
+
+def test_embeddings_of_every_split_are_the_same_table_on_one_and_two_processes(two_process_run, tmp_path):
+    """`crnn-art embed`: each row once, with its path, labels, prediction and the model's embedding; the union of
+    the two processes' shards equals the one-process table."""
+    import numpy as np
+    from datasets import load_dataset
+
+    from crnn_art.data.sources import read_splits
+
+    splits = read_splits(two_process_run / "split.json")
+    run_cli(["embed", "--checkpoint", str(two_process_run), "--output-dir", str(tmp_path / "one")])
+    run_cli(["embed", "--checkpoint", str(two_process_run), "--split", "test", "--output-dir", str(tmp_path / "two")],
+            processes=2)
+    by_split = load_dataset("parquet", data_dir=str(tmp_path / "one"))  # the file names say the split
+    assert {name: len(ds) for name, ds in by_split.items()} == {s: len(splits[s]) for s in splits}
+    one = load_dataset("parquet", data_files=str(tmp_path / "one" / "*.parquet"), split="train").sort("row")
+    assert sorted(one["row"]) == sorted(np.concatenate([splits[s] for s in ("train", "validation", "test")]).tolist())
+    assert len(set(one["row"])) == len(one) and len(one[0]["embedding"]) == 3072
+    assert set(one.column_names) == {"row", "split", "path", "style_label", "style_predicted", "style_confidence",
+                                     "embedding"}
+    assert sorted(r for r, s in zip(one["row"], one["split"], strict=True) if s == "test") == sorted(splits["test"])
+    assert len(list((tmp_path / "two").glob("test-*-of-00002.parquet"))) == 2
+    two = load_dataset("parquet", data_dir=str(tmp_path / "two"), split="test").sort("row")
+    test_one = one.filter(lambda r: r["split"] == "test")
+    assert two["row"] == test_one["row"] and two["path"] == test_one["path"]
+    assert two["style_label"] == test_one["style_label"] and two["style_predicted"] == test_one["style_predicted"]
+    np.testing.assert_allclose(np.array(two["embedding"]), np.array(test_one["embedding"]), rtol=1e-5, atol=1e-5)

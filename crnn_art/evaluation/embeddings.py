@@ -1,0 +1,109 @@
+"""``crnn-art embed``: the model's embedding of every painting of a split, as parquet tables for retrieval,
+clustering and outlier work.
+
+Each process embeds its own positions of the split (every ``world``-th, no padding, so each row once) and
+writes its own shard, ``<split>-<rank>-of-<world>.parquet``, sorted by row: nothing large travels between
+processes. ``datasets.load_dataset("parquet", data_dir=FOLDER)`` gives one ``Dataset`` per split (the file
+names say which); ``data_files="FOLDER/*.parquet"`` gives them all as one. Columns: ``row`` (the row id in
+the run's source), ``split``,
+``path`` (as the source records it, '' where it holds only bytes), per head ``<head>_label`` (the given label's
+name, null where unknown), ``<head>_predicted`` and ``<head>_confidence`` (softmax probability of the prediction),
+and ``embedding`` (float32, the model's pooled embedding before dropout: 3,072 for ResNet-50, the backbone's
+channels + 4 x gru_hidden in general).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crnn_art.data.schema import SPLITS
+from crnn_art.errors import DataError
+
+
+def embedding_folder(run_dir: Path, model_folder: Path) -> Path:
+    """Where ``embed`` writes by default: ``RUN/embeddings_<model>`` (``embeddings_best``, ``embeddings_last``)."""
+    return run_dir / f"embeddings_{model_folder.name}"
+
+
+def embed_splits(checkpoint: str, split: str = "all", output_dir: str | None = None,
+                 batch_size: int | None = None) -> Path:
+    """Embed ``split`` (or every split, ``all``) of a run's data with its model; returns the folder written.
+
+    Raises ``DataError`` for an unknown split and ``ModelLoadError`` for a checkpoint that is not a run's model.
+    """
+    from crnn_art.console import make_console, make_progress
+    from crnn_art.evaluation.evaluate import open_run_split
+
+    if split != "all" and split not in SPLITS:
+        raise DataError(f"--split {split!r} is not a split; choose one of {', '.join(SPLITS)} or all")
+    out = None
+    for name in SPLITS if split == "all" else (split,):
+        run = open_run_split(checkpoint, name)
+        acc = run.accelerator
+        out = Path(output_dir) if output_dir else embedding_folder(run.run_dir, run.folder)
+        console = make_console(acc.is_main_process)
+        if acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        with make_progress(console, acc.is_main_process) as progress:
+            table = _embed_shard(run, name, batch_size or run.cfg.train.eval_batch_size, progress)
+        path = out / f"{name}-{acc.process_index:05d}-of-{acc.num_processes:05d}.parquet"
+        table.to_parquet(str(path))
+        acc.wait_for_everyone()
+        console.print(f"embedded the {len(run.rows)} paintings of the {name} split with {run.folder} into {out}/")
+    return out
+
+
+@torch.no_grad()
+def _embed_shard(run, split: str, batch_size: int, progress) -> Any:
+    """This process's rows of the split: embeddings, predictions and labels, as a ``datasets.Dataset``."""
+    from datasets import Dataset
+    from torch.utils.data import DataLoader, Subset
+
+    from crnn_art.data.loaders import collate, worker_options
+    from crnn_art.runtime import fit_to_cores
+
+    acc, model, dataset = run.accelerator, run.model.to(run.accelerator.device).eval(), run.dataset
+    positions = list(range(acc.process_index, len(dataset), acc.num_processes))
+    loader = DataLoader(Subset(dataset, positions), batch_size=batch_size,
+                        collate_fn=functools.partial(collate, keep_skipped=True),
+                        **worker_options(fit_to_cores(run.cfg.data.num_workers).workers))
+    task = progress.add_task(f"embed {len(dataset)} paintings", total=len(loader), status="")
+    embeddings, rows, labels, probs = [], [], [], {h: [] for h in model.heads_spec}
+    for batch in loader:
+        with acc.autocast():
+            out = model(batch["image"].to(acc.device))
+        embeddings.append(out.embedding.float().cpu())
+        rows.append(batch["row"])
+        labels.append(batch["labels"])
+        for h in probs:
+            probs[h].append(out.logits[h].float().softmax(dim=1).cpu())
+        progress.advance(task)
+    progress.remove_task(task)
+    paths = dataset.paths()
+    columns: dict[str, Any] = {
+        "row": torch.cat(rows).numpy() if rows else np.zeros(0, dtype=np.int64),
+        "split": [split] * len(positions),
+        "path": [paths[p] for p in positions],
+    }
+    label_ids = torch.cat(labels).numpy() if labels else np.zeros((0, len(probs)), dtype=np.int64)
+    for i, (head, names) in enumerate(model.class_names.items()):
+        p = torch.cat(probs[head]) if probs[head] else torch.zeros(0, len(names))
+        columns[f"{head}_label"] = [names[k] if k >= 0 else None for k in label_ids[:, i].tolist()]
+        columns[f"{head}_predicted"] = [names[k] for k in p.argmax(dim=1).tolist()]
+        columns[f"{head}_confidence"] = p.max(dim=1).values.numpy() if len(p) else np.zeros(0, dtype=np.float32)
+    dim = model.embedding_dim
+    columns["embedding"] = list(torch.cat(embeddings).numpy()) if embeddings else []
+    table = Dataset.from_dict(columns).sort("row")
+    return table.cast_column("embedding", _embedding_feature(dim))
+
+
+def _embedding_feature(dim: int):
+    from datasets import Sequence, Value
+
+    return Sequence(Value("float32"), length=dim)
