@@ -66,12 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--batch-size", type=int, default=None,
                      help="per-process batch (default: the run's train.eval_batch_size)")
 
-    em = sub.add_parser("embed", help="the model's embedding of every painting of a split, as parquet tables")
-    em.add_argument("--checkpoint", required=True, help="a run folder, or its best/ or last/ folder")
-    em.add_argument("--split", default="all", choices=(*SPLITS, "all"), help="the split to embed (default: all)")
-    em.add_argument("--output-dir", default=None, help="default: RUN/embeddings_<model>, e.g. embeddings_best")
-    em.add_argument("--batch-size", type=int, default=None,
-                    help="per-process batch (default: the run's train.eval_batch_size)")
+    _add_export_commands(sub)
 
     pr = sub.add_parser("prepare", help="convert a source once into resized JPEG shards (fast to train on)")
     pr.add_argument("--source", required=True, help="what data.source would be: a Hub id, folder, artgan, demo")
@@ -210,6 +205,22 @@ def _unexpected(exc: BaseException, debug: bool) -> str:
             "`crnn-art --debug ...` prints it; please report it with that file)")
 
 
+def _add_export_commands(sub) -> None:
+    """``embed`` and ``export``: what leaves crnn-art for other tools."""
+    em = sub.add_parser("embed", help="the model's embedding of every painting of a split, as parquet tables")
+    em.add_argument("--checkpoint", required=True, help="a run folder, or its best/ or last/ folder")
+    em.add_argument("--split", default="all", choices=(*SPLITS, "all"), help="the split to embed (default: all)")
+    em.add_argument("--output-dir", default=None, help="default: RUN/embeddings_<model>, e.g. embeddings_best")
+    em.add_argument("--batch-size", type=int, default=None,
+                    help="per-process batch (default: the run's train.eval_batch_size)")
+
+    ex = sub.add_parser("export", help="the model as ONNX, TorchScript or a torch.export program, for serving")
+    ex.add_argument("--checkpoint", required=True, help="a run folder, or its best/ or last/ folder")
+    ex.add_argument("--format", required=True, choices=("onnx", "torchscript", "exported-program"))
+    ex.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: fixed at 2)")
+    ex.add_argument("--output-dir", default=None, help="default: RUN/export_<model>, e.g. export_best")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         output_dir = args.output_dir or f"runs/{args.preset or 'demo'}"
@@ -239,10 +250,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         find_outliers(args.checkpoint, args.split, args.top, args.select, args.threshold, args.z,
                       args.output_dir, args.known_wrong, args.batch_size)
-    elif args.command == "embed":
-        from crnn_art.evaluation.embeddings import embed_splits
-
-        embed_splits(args.checkpoint, args.split, args.output_dir, args.batch_size)
+    elif args.command in ("embed", "export"):
+        _export_command(args)
     elif args.command == "prepare":
         from crnn_art.data.prepare import prepare
 
@@ -264,6 +273,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "explain":
         _explain(args)
     return 0
+
+
+def _export_command(args: argparse.Namespace) -> None:
+    if args.command == "embed":
+        from crnn_art.evaluation.embeddings import embed_splits
+
+        embed_splits(args.checkpoint, args.split, args.output_dir, args.batch_size)
+    else:
+        from crnn_art.export import export_model
+
+        print(export_model(args.checkpoint, args.format, args.output_dir, args.dynamic_batch))
 
 
 def _bench(args: argparse.Namespace) -> None:
