@@ -47,6 +47,21 @@ def backbone_problem(name: str) -> str | None:
     return None
 
 
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean and std the backbone was pretrained with: ImageNet's for ResNet-50, timm's ``pretrained_cfg``
+    for a timm model (0.5/0.5 for many ViTs, CLIP's own for CLIP towers). Training, evaluation, inference and
+    export all use them (the model records them in ``config.json``)."""
+    from crnn_art.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        cfg = timm.get_pretrained_cfg(name[len(TIMM_PREFIX):])
+        if cfg is not None and cfg.mean and cfg.std:
+            return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
 def build_trunk(name: str, weights: str | None, image_size: int) -> nn.Module:
     """The backbone as a module whose forward gives a ``(B, C, h, w)`` map; ``weights``: ``imagenet`` (the
     library's pretrained weights), a local state-dict file, or None (random init)."""

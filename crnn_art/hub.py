@@ -192,12 +192,14 @@ def _card_text(cfg, config: dict, run_dir: Path, model_dir: Path, metrics: dict,
         else OWN_DATA_LIMITS.format(dataset=dataset_name))
     backbone = cfg.model.backbone_weights or "random initialisation"
     trunk = {"resnet50": "ResNet-50"}.get(config.get("backbone", "resnet50"), config.get("backbone", "resnet50"))
+    mean, std = (", ".join(str(v) for v in config.get(key, [])) for key in ("mean", "std"))
     return f"""# crnn-art: {', '.join(heads)} classifier of paintings
 
 A convolutional-recurrent classifier ({trunk} backbone, row and column bidirectional GRUs with
 attention pooling, one linear head per task) trained with crnn-art on
 **{dataset_name}**. Input: RGB, {config['image_size']} px (evaluation: resize the short side to
-{round(config['image_size'] * 416 / 384)}, centre-crop), ImageNet mean/std. Heads: {classes}.
+{round(config['image_size'] * 416 / 384)}, centre-crop), normalised with mean {mean} and std {std}.
+Heads: {classes}.
 
 ## Install and use
 

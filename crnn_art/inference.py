@@ -89,7 +89,7 @@ def predict_images(model, inputs: Iterable[str | Path], top_k: int = 5, batch_si
 
     model.eval()
     device = next(model.parameters()).device
-    transform = eval_transform(model.image_size)
+    transform = eval_transform(model.image_size, model.mean, model.std)
     out_dir = Path(heatmaps) if heatmaps else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)

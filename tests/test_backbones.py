@@ -66,6 +66,17 @@ def test_a_timm_vit_run_stopped_and_resumed_equals_the_uninterrupted_one(tmp_pat
     assert read_history(tmp_path / "whole")[-1]["step"] == read_history(tmp_path / "cut")[-1]["step"]
     card = (tmp_path / "whole" / "last" / "README.md").read_text()
     assert "timm:vit_tiny_patch16_224 backbone" in card
+    # the ViT was pretrained on inputs normalised with 0.5 / 0.5: the run trains, and records, that normalisation
+    config = json.loads((tmp_path / "whole" / "last" / "config.json").read_text())
+    assert config["mean"] == config["std"] == [0.5, 0.5, 0.5]
+
+
+def test_each_backbone_brings_the_normalisation_it_was_pretrained_with():
+    from crnn_art.backbones import normalization
+
+    assert normalization("resnet50") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert normalization("timm:vit_tiny_patch16_224") == ((0.5,) * 3, (0.5,) * 3)
+    assert normalization("timm:vit_base_patch16_clip_224")[0][0] == pytest.approx(0.48145466)
 
 
 def test_pretrained_timm_weights_with_the_hub_unreachable_are_one_line_at_once(hub_down):

@@ -16,7 +16,10 @@ from crnn_art.data.sampling import GlobalDrawBatchSampler, balanced_weights, loc
 from crnn_art.data.sources import TaskLabels, make_splits, open_source, task_labels, write_splits
 from crnn_art.data.streaming import balanced_class_weights, materialize_split, streamed_batches
 from crnn_art.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DeviceAugment,
+    Stats,
     decode_min_side,
     eval_resize,
     eval_transform,
@@ -62,10 +65,11 @@ class TrainData:
 
 
 def build_train_data(cfg: RunConfig, accelerator, out: Path, write_run_files: bool, workers: int,
-                     console=None) -> TrainData:
+                     console=None, normalization: tuple[Stats, Stats] = (IMAGENET_MEAN, IMAGENET_STD)) -> TrainData:
     """Source -> task labels -> split (written to ``config.yaml``/``split.json`` unless ``write_run_files`` is
     false: a resume writes nothing before its checkpoint loads) -> transforms -> validation set -> this
-    process's training batches. Raises ``DataError`` for data the run cannot use."""
+    process's training batches. ``normalization``: the backbone's input mean and std. Raises ``DataError`` for data
+    the run cannot use."""
     t, size = cfg.train, cfg.data.image_size
     with accelerator.local_main_process_first():  # one process per machine generates/downloads first
         opened = open_source(cfg.data)
@@ -75,15 +79,15 @@ def build_train_data(cfg: RunConfig, accelerator, out: Path, write_run_files: bo
         atomic_write_text(out / "config.yaml", config_text(cfg), "the run's config")
         write_splits(splits, out / "split.json", cfg.data)
     on_device = cfg.augment.on_device if cfg.augment.on_device is not None else accelerator.device.type == "cuda"
-    augment = worker_transform(size, cfg.augment) if on_device else train_transform(size, cfg.augment)
+    augment = worker_transform(size, cfg.augment) if on_device else train_transform(size, cfg.augment, *normalization)
     with accelerator.local_main_process_first():  # streamed: validation is read from the stream once
-        val_set = split_dataset(opened, splits["validation"], labels.labels, eval_transform(size), eval_resize(size),
-                                out / STREAMED, "validation", console)
+        val_set = split_dataset(opened, splits["validation"], labels.labels, eval_transform(size, *normalization),
+                                eval_resize(size), out / STREAMED, "validation", console)
     notes = [opened.note] if opened.note else []
     batches, weights, local_batch = _train_batches(cfg, accelerator, opened, splits, labels, augment, workers, notes)
     total_steps = sum(batches.steps(e) for e in range(1, t.epochs + 1))
-    return TrainData(labels, splits, val_set, batches, DeviceAugment(cfg.augment) if on_device else None,
-                     weights, local_batch, total_steps, notes)
+    device_augment = DeviceAugment(cfg.augment, *normalization) if on_device else None
+    return TrainData(labels, splits, val_set, batches, device_augment, weights, local_batch, total_steps, notes)
 
 
 def _train_batches(cfg: RunConfig, accelerator, opened, splits, labels: TaskLabels, augment, workers: int,

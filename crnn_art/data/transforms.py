@@ -37,14 +37,19 @@ def decode_min_side(image_size: int, min_crop_scale: float) -> int:
     return max(eval_resize(image_size), math.ceil(image_size / math.sqrt(min_crop_scale)))
 
 
-def train_transform(image_size: int, aug: AugmentConfig) -> v2.Compose:
+Stats = tuple[float, float, float]
+
+
+def train_transform(image_size: int, aug: AugmentConfig, mean: Stats = IMAGENET_MEAN,
+                    std: Stats = IMAGENET_STD) -> v2.Compose:
+    """Training augmentation; ``mean``/``std``: the backbone's input normalisation (ImageNet's by default)."""
     return v2.Compose([
         v2.RandomResizedCrop(image_size, scale=tuple(aug.crop_scale), ratio=tuple(aug.crop_ratio), antialias=True),
         v2.RandomHorizontalFlip(aug.hflip),
         v2.ColorJitter(*aug.color_jitter),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.Normalize(mean, std),
         v2.RandomErasing(aug.erase_prob, scale=tuple(aug.erase_scale), ratio=tuple(aug.erase_ratio), value="random"),
     ])
 
@@ -66,12 +71,12 @@ class DeviceAugment:
     augments exactly as the uninterrupted one did.
     """
 
-    def __init__(self, aug: AugmentConfig) -> None:
+    def __init__(self, aug: AugmentConfig, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD) -> None:
         self.jitter = v2.ColorJitter(*aug.color_jitter)
         self.erase = v2.RandomErasing(aug.erase_prob, scale=tuple(aug.erase_scale), ratio=tuple(aug.erase_ratio),
                                       value="random")
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         devices = [images.device.index or 0] if images.device.type == "cuda" else []
@@ -83,11 +88,12 @@ class DeviceAugment:
             return torch.stack([self.erase(image) for image in x])
 
 
-def eval_transform(image_size: int) -> v2.Compose:
+def eval_transform(image_size: int, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD) -> v2.Compose:
+    """Evaluation and inference: resize the short side, centre-crop, normalise with the model's ``mean``/``std``."""
     return v2.Compose([
         v2.Resize(eval_resize(image_size), antialias=True),
         v2.CenterCrop(image_size),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.Normalize(mean, std),
     ])

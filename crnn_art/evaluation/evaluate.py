@@ -93,8 +93,8 @@ def open_run_split(checkpoint: str, split: str) -> RunSplit:
         )
     size = model.image_size
     with accelerator.local_main_process_first():
-        dataset = split_dataset(opened, rows, labels.labels, eval_transform(size), eval_resize(size),
-                                run_dir / STREAMED, split)
+        dataset = split_dataset(opened, rows, labels.labels, eval_transform(size, model.mean, model.std),
+                                eval_resize(size), run_dir / STREAMED, split)
     return RunSplit(cfg, run_dir, folder, accelerator, model, dataset, rows, found.note)
 
 

@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import broadcast, broadcast_object_list, gather_object, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from crnn_art.backbones import backbone_problem
+from crnn_art.backbones import backbone_problem, normalization
 from crnn_art.checkpoints import (
     CHECKPOINTS,
     HISTORY,
@@ -181,10 +181,11 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
     cpu = fit_to_cores(cfg.data.num_workers)  # workers and threads from the cores this process has
 
     # ---- data: source -> labels -> split -> validation set and this process's batches ------------
-    data = build_train_data(cfg, accelerator, out, resume_from is None, cpu.workers, console)
+    normal = normalization(cfg.model.backbone)  # the backbone's input mean and std
+    data = build_train_data(cfg, accelerator, out, resume_from is None, cpu.workers, console, normal)
 
     # ---- model, optimiser, schedule, EMA -------------------------------------------------------
-    model = raw_model = build_model(cfg, data)
+    model = raw_model = build_model(cfg, data, normal)
     fused = t.fused_adamw if t.fused_adamw is not None else accelerator.device.type in ("cpu", "cuda")
     optimizer = build_optimizer(model, cfg, fused)
     # the schedule spans the whole planned run; train.max_steps stops early without changing it
@@ -261,13 +262,13 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
     return finish(accelerator, cfg, out, metrics, console)
 
 
-def build_model(cfg: RunConfig, data: TrainData) -> CRNNArtClassifier:
+def build_model(cfg: RunConfig, data: TrainData, normal: tuple) -> CRNNArtClassifier:
     """The CRNN for the run's heads and classes (``channels_last`` when ``model.channels_last``)."""
     m = cfg.model
     model = CRNNArtClassifier(heads=data.labels.num_classes, class_names=data.labels.class_names,
                               backbone=m.backbone, backbone_weights=m.backbone_weights, image_size=cfg.data.image_size,
                               proj_channels=m.proj_channels, gru_hidden=m.gru_hidden, gru_layers=m.gru_layers,
-                              gru_dropout=m.gru_dropout, dropout=m.dropout)
+                              gru_dropout=m.gru_dropout, dropout=m.dropout, mean=normal[0], std=normal[1])
     return model.to(memory_format=torch.channels_last) if m.channels_last else model
 
 
