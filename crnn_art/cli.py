@@ -210,6 +210,9 @@ def _add_export_commands(sub) -> None:
     em = sub.add_parser("embed", help="the model's embedding of every painting of a split, as parquet tables")
     em.add_argument("--checkpoint", required=True, help="a run folder, or its best/ or last/ folder")
     em.add_argument("--split", default="all", choices=(*SPLITS, "all"), help="the split to embed (default: all)")
+    em.add_argument("--images", nargs="+", default=None, metavar="PATH",
+                    help="embed these image files or folders instead of a split (one process; --checkpoint may "
+                         "then be any model folder or Hub id)")
     em.add_argument("--output-dir", default=None, help="default: RUN/embeddings_<model>, e.g. embeddings_best")
     em.add_argument("--batch-size", type=int, default=None,
                     help="per-process batch (default: the run's train.eval_batch_size)")
@@ -276,7 +279,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _export_command(args: argparse.Namespace) -> None:
-    if args.command == "embed":
+    if args.command == "embed" and args.images:
+        from crnn_art.inference import embed_images, load_model
+
+        out = args.output_dir or "embeddings_images"
+        print(embed_images(load_model(args.checkpoint), args.images, out, args.batch_size or 16))
+    elif args.command == "embed":
         from crnn_art.evaluation.embeddings import embed_splits
 
         embed_splits(args.checkpoint, args.split, args.output_dir, args.batch_size)

@@ -7,6 +7,7 @@ names with probabilities; with ``heatmaps`` the row x column attention over each
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,12 @@ def load_model(model: str | Path, device: str | torch.device | None = None):
 
 @torch.no_grad()
 def predict_images(model, inputs: Iterable[str | Path], top_k: int = 5, batch_size: int = 16,
-                   heatmaps: str | Path | None = None, side_by_side: bool = False) -> Iterator[dict[str, Any]]:
+                   heatmaps: str | Path | None = None, side_by_side: bool = False,
+                   embeddings: bool = False) -> Iterator[dict[str, Any]]:
     """Yield one result per input image, in order: ``{"image", "predictions": {head: [{"label", "score"}]}}``
     or ``{"image", "error"}`` for a file that cannot be read. With ``heatmaps`` each image's attention
-    overlay is saved there (``side_by_side``: the painting and the overlay next to each other)."""
+    overlay is saved there (``side_by_side``: the painting and the overlay next to each other); with
+    ``embeddings`` each result also holds ``"embedding"`` (the model's pooled vector, a float32 numpy array)."""
     from crnn_art.data.decoding import decode_image
     from crnn_art.data.transforms import eval_resize, eval_transform
     from crnn_art.errors import DecodeError
@@ -104,6 +107,8 @@ def predict_images(model, inputs: Iterable[str | Path], top_k: int = 5, batch_si
         maps = attention_map(output.row_attention, output.col_attention).cpu().numpy()
         for i, (path, _, image) in enumerate(pending):
             result: dict[str, Any] = {"image": path, "predictions": {}}
+            if embeddings:
+                result["embedding"] = output.embedding[i].float().cpu().numpy()
             for head, p in probs.items():
                 values, idx = p[i].topk(min(top_k, p.shape[1]))
                 result["predictions"][head] = [
@@ -138,6 +143,35 @@ def predict(model: str | Path | Any, inputs: str | Path | Iterable[str | Path], 
     if isinstance(inputs, str | Path):
         inputs = [inputs]
     return list(predict_images(net, inputs, top_k=top_k, batch_size=batch_size, heatmaps=heatmaps))
+
+
+def embed_images(model, inputs: Iterable[str | Path], output_dir: str | Path, batch_size: int = 16) -> Path:
+    """``crnn-art embed --images``: the embedding and prediction of every image file as one parquet table
+    (``images-00000-of-00001.parquet``: ``path``, per head ``<head>_predicted``/``<head>_confidence``,
+    ``embedding``), the same columns as the split tables less the labels; one process. Files that cannot be
+    decoded are left out and returned by name in the table's absence (printed by the CLI)."""
+    from datasets import Dataset, Sequence, Value
+
+    rows: dict[str, list] = {"path": [], "embedding": [],
+                             **{f"{h}_{c}": [] for h in model.heads_spec for c in ("predicted", "confidence")}}
+    skipped = []
+    for r in predict_images(model, inputs, top_k=1, batch_size=batch_size, embeddings=True):
+        if "error" in r:
+            skipped.append(r["image"])
+            continue
+        rows["path"].append(r["image"])
+        rows["embedding"].append(r["embedding"])
+        for head, preds in r["predictions"].items():
+            rows[f"{head}_predicted"].append(preds[0]["label"])
+            rows[f"{head}_confidence"].append(preds[0]["score"])
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = Dataset.from_dict(rows).cast_column("embedding", Sequence(Value("float32"), length=model.embedding_dim))
+    path = out / "images-00000-of-00001.parquet"
+    table.to_parquet(str(path))
+    for name in skipped:
+        print(f"{name}: left out (cannot be decoded)", file=sys.stderr)
+    return path
 
 
 def explain_images(model, paths: list[str], out_dir: str | Path, top_k: int = 3) -> list[dict]:

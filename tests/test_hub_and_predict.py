@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -340,3 +341,28 @@ def test_card_metadata_names_a_hub_dataset_only_for_hub_ids(source, dataset):
     from crnn_art.hub import hub_dataset_id
 
     assert hub_dataset_id(source) == dataset
+
+
+def test_embed_a_folder_of_images_gives_the_models_embedding_and_prediction(trained, tmp_path):
+    """`crnn-art embed --images`: one row per decodable file, the same embedding as the model on predict's tensor and
+    the same prediction as predict; a broken file is left out and named."""
+    from datasets import load_dataset
+
+    from crnn_art.inference import load_model, predict_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    painting(60, 1).save(folder / "a.jpg")
+    painting(50, 2).save(folder / "b.png")
+    (folder / "broken.jpg").write_bytes(odd_images(huge=False)["truncated.jpg"][0])
+    result = run_cli(["embed", "--checkpoint", str(trained), "--images", str(folder), "--output-dir",
+                      str(tmp_path / "emb")])
+    assert "broken.jpg: left out" in result.stderr
+    table = load_dataset("parquet", data_files=str(tmp_path / "emb" / "*.parquet"), split="train")
+    assert [Path(p).name for p in table["path"]] == ["a.jpg", "b.png"]
+    model = load_model(trained, "cpu")
+    expected = [r for r in predict_images(model, [folder], top_k=1, embeddings=True) if "error" not in r]
+    for row, want in zip(table, expected, strict=True):
+        assert row["style_predicted"] == want["predictions"]["style"][0]["label"]
+        np.testing.assert_allclose(row["embedding"], want["embedding"], rtol=1e-5, atol=1e-5)
+        assert len(row["embedding"]) == model.embedding_dim
