@@ -55,8 +55,7 @@ def test_names_that_are_not_backbones_are_one_line_errors():
 
 
 def test_a_timm_vit_run_stopped_and_resumed_equals_the_uninterrupted_one(tmp_path, demo_dir):
-    common = ["train", *tiny_overrides(demo_dir, model__backbone="timm:vit_tiny_patch16_224",
-                                       model__channels_last="false", train__epochs=1)]
+    common = ["train", *tiny_overrides(demo_dir, model__backbone="timm:vit_tiny_patch16_224", train__epochs=1)]
     run_cli([*common, "--output-dir", str(tmp_path / "whole")])
     run_cli([*common, "--output-dir", str(tmp_path / "cut"), "--set=train.max_steps=4"])
     run_cli([*common, "--output-dir", str(tmp_path / "cut"), "--resume", "latest"])
