@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="per-process batch (default: the run's train.eval_batch_size)")
 
     _add_export_commands(sub)
+    _add_duplicates_command(sub)
 
     pr = sub.add_parser("prepare", help="convert a source once into resized JPEG shards (fast to train on)")
     pr.add_argument("--source", required=True, help="what data.source would be: a Hub id, folder, artgan, demo")
@@ -205,6 +206,19 @@ def _unexpected(exc: BaseException, debug: bool) -> str:
             "`crnn-art --debug ...` prints it; please report it with that file)")
 
 
+def _add_duplicates_command(sub) -> None:
+    du = sub.add_parser("duplicates", help="paintings filed twice: exact and near copies, leakage across splits, "
+                                           "conflicting labels")
+    du.add_argument("--checkpoint", default=None, help="a run folder: its data, task and splits")
+    du.add_argument("--source", default=None, help="or a data.source (splits as a training run would make them)")
+    du.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --source: config keys, e.g. --set data.task=combined (repeatable)")
+    du.add_argument("--near-bits", type=int, default=8,
+                    help="perceptual-hash bits (of 64) in which near copies may differ (default 8; more finds more "
+                         "copies and more false ones)")
+    du.add_argument("--output-dir", default=None, help="default: RUN/duplicates, or ./duplicates with --source")
+
+
 def _add_export_commands(sub) -> None:
     """``embed`` and ``export``: what leaves crnn-art for other tools."""
     em = sub.add_parser("embed", help="the model's embedding of every painting of a split, as parquet tables")
@@ -248,13 +262,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         evaluate_checkpoint(args.checkpoint, args.split, args.output_dir, args.batch_size)
         if args.output_dir is None:  # a card reads only the run's own eval_* folders
             _refresh_card(args.checkpoint, args.split)
-    elif args.command == "outliers":
-        from crnn_art.evaluation.outliers import find_outliers
-
-        find_outliers(args.checkpoint, args.split, args.top, args.select, args.threshold, args.z,
-                      args.output_dir, args.known_wrong, args.batch_size)
+    elif args.command in ("outliers", "duplicates"):
+        _label_review_command(args)
     elif args.command in ("embed", "export"):
         _export_command(args)
+
     elif args.command == "prepare":
         from crnn_art.data.prepare import prepare
 
@@ -276,6 +288,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "explain":
         _explain(args)
     return 0
+
+
+def _label_review_command(args: argparse.Namespace) -> None:
+    """``outliers`` and ``duplicates``: the paintings whose label (or copy) needs a look."""
+    if args.command == "outliers":
+        from crnn_art.evaluation.outliers import find_outliers
+
+        find_outliers(args.checkpoint, args.split, args.top, args.select, args.threshold, args.z,
+                      args.output_dir, args.known_wrong, args.batch_size)
+    else:
+        from crnn_art.evaluation.duplicates import find_duplicates
+
+        find_duplicates(args.checkpoint, args.source, args.overrides, args.output_dir, args.near_bits)
 
 
 def _export_command(args: argparse.Namespace) -> None:

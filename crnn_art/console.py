@@ -123,6 +123,20 @@ def streaming_plan_table(plans: list[dict[str, Any]]) -> Table:
     return table
 
 
+def duplicates_table(summary: dict[str, Any]) -> Table:
+    """``crnn-art duplicates``: how many copies, how many cross splits or carry other labels."""
+    table = Table(title=f"copies among {summary['images']:,} images (near: up to {summary['near_bits']} of 64 bits)")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for key, what in (("groups", "groups of copies"), ("exact_groups", "  of them exact copies"),
+                      ("rows_in_groups", "images in a group"), ("leaking_groups", "groups across splits (leakage)"),
+                      ("test_rows_with_a_copy_in_train", "test images with a copy in train"),
+                      ("conflicting_groups", "groups with different labels (conflicts)"),
+                      ("undecodable", "images that could not be decoded")):
+        table.add_row(what, f"{summary[key]:,}")
+    return table
+
+
 def backbone_table(rows: list[dict[str, Any]], size: int, batch: int) -> Table:
     """``crnn-art bench --backbone``: the CRNN on each backbone against the bare backbone."""
     table = Table(title=f"CRNN vs bare backbone, train step, {size} px, batch {batch}")

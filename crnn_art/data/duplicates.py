@@ -1,0 +1,146 @@
+"""The same painting filed twice: exact and near copies found from image hashes, without comparing all pairs.
+
+Each image gets two 64-bit hashes and a tiny colour thumbnail (8 x 8 RGB):
+
+- the average hash of the thumbnail (``imagehash.average_hash``: which of 64 cells are brighter than the mean),
+  which re-encoding, resizing and metadata leave almost untouched;
+- the perceptual hash (``imagehash.phash``: the signs of the low frequencies of the DCT of a 32 x 32 greyscale
+  thumbnail), which a small crop or a colour shift moves only a little.
+
+Two images are **exact copies** when their thumbnails differ by at most ``EXACT_LEVEL`` levels (0-255) on
+average: the same pixels after decoding and shrinking (re-encoded, resized, other EXIF). They are **near
+copies** when their perceptual hashes differ in at most ``near_bits`` bits (default ``NEAR_BITS`` of 64): a
+crop, a colour shift, another scan; raising it finds more copies and more false ones (paintings with the
+same composition), docs/duplicates.md shows the effect.
+
+Candidate pairs come from multi-index hashing, not from all pairs: split a hash into ``t + 1`` chunks; two
+hashes within ``t`` bits agree exactly on at least one chunk (pigeonhole), so only images that share a chunk
+value are compared. Copies are joined into groups (union-find).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+EXACT_LEVEL = 3.0
+"""Mean absolute difference (0-255) of the 8 x 8 RGB thumbnails up to which two images count as exact copies."""
+EXACT_SEARCH_BITS = 8
+"""Average-hash bits in which exact copies may differ (cells near the mean flip): how wide the search is."""
+NEAR_BITS = 8
+
+
+def _as_int(bits: np.ndarray) -> int:
+    return int(np.packbits(bits.flatten().astype(np.uint8)).view(">u8")[0])
+
+
+def image_key(image) -> tuple[int, int, np.ndarray]:
+    """``(perceptual hash, average hash, 8 x 8 x 3 uint8 thumbnail)`` of a PIL image."""
+    import imagehash
+    from PIL import Image
+
+    rgb = image.convert("RGB")
+    thumb = np.asarray(rgb.resize((8, 8), Image.Resampling.BOX), dtype=np.uint8)
+    return _as_int(imagehash.phash(rgb, hash_size=8).hash), _as_int(imagehash.average_hash(rgb, 8).hash), thumb
+
+
+_POPCOUNT16 = np.array([bin(i).count("1") for i in range(1 << 16)], dtype=np.uint8)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bits that differ between uint64 hashes, element-wise."""
+    x = np.bitwise_xor(a, b)
+    return sum(_POPCOUNT16[(x >> np.uint64(s)) & np.uint64(0xFFFF)].astype(np.int64) for s in (0, 16, 32, 48))
+
+
+def candidate_pairs(hashes: np.ndarray, near_bits: int) -> np.ndarray:
+    """Index pairs ``(i, j)``, ``i < j``, whose hashes differ in at most ``near_bits`` bits (each once)."""
+    n = len(hashes)
+    chunks = near_bits + 1
+    bounds = np.linspace(0, 64, chunks + 1).astype(int)
+    found = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        part = (hashes >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+        order = np.argsort(part, kind="stable")
+        values = part[order]
+        starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+        ends = np.r_[starts[1:], n]
+        for s, e in zip(starts, ends, strict=True):
+            if e - s < 2:
+                continue
+            members = order[s:e]
+            i, j = np.triu_indices(len(members), k=1)
+            a, b = members[i], members[j]
+            close = hamming(hashes[a], hashes[b]) <= near_bits
+            found.append(np.stack([np.minimum(a, b)[close], np.maximum(a, b)[close]], axis=1))
+    if not found:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(found), axis=0)
+
+
+@dataclass
+class Group:
+    """Copies of one painting: positions in the hashed list, and how they were matched."""
+
+    members: list[int]
+    kind: str
+    """``exact`` when every copy is an exact copy of another, else ``near``."""
+    pairs: list[tuple[int, int, int, str]] = field(default_factory=list)
+    """``(a, b, bits, kind)`` for the matches that joined the group."""
+
+
+def find_groups(phashes: np.ndarray, ahashes: np.ndarray, thumbs: np.ndarray, near_bits: int = NEAR_BITS,
+                exact_level: float = EXACT_LEVEL) -> list[Group]:
+    """Groups of copies among images given by their perceptual and average hashes (uint64) and thumbnails
+    ((N, 8, 8, 3) uint8), ordered by their first member; single images are not groups."""
+    pairs = np.unique(np.concatenate([candidate_pairs(phashes, near_bits),
+                                      candidate_pairs(ahashes, EXACT_SEARCH_BITS)]), axis=0)
+    parent = list(range(len(phashes)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    matched: list[tuple[int, int, int, str]] = []
+    for a, b in pairs.tolist():
+        bits = int(hamming(phashes[a:a + 1], phashes[b:b + 1])[0])
+        level = float(np.abs(thumbs[a].astype(np.int16) - thumbs[b].astype(np.int16)).mean())
+        kind = "exact" if level <= exact_level else "near"
+        if kind == "near" and bits > near_bits:
+            continue
+        matched.append((a, b, bits, kind))
+        parent[root(a)] = root(b)
+    by_root: dict[int, list[int]] = {}
+    for i in range(len(phashes)):
+        by_root.setdefault(root(i), []).append(i)
+    groups = {r: Group(sorted(m), "exact") for r, m in by_root.items() if len(m) > 1}
+    for a, b, bits, kind in matched:
+        group = groups[root(a)]
+        group.pairs.append((a, b, bits, kind))
+        if kind == "near":
+            group.kind = "near"
+    return sorted(groups.values(), key=lambda g: g.members[0])
+
+
+def describe(group: Group, rows: np.ndarray, splits: list[str], labels: dict[str, list[Any]],
+             paths: list[str]) -> dict[str, Any]:
+    """A group as the reports show it: its copies' rows, paths, splits and labels, and whether it crosses splits
+    (leakage) or carries different labels for the same painting (conflicts, per head)."""
+    members = group.members
+    conflicts = [head for head, values in labels.items()
+                 if len({values[m] for m in members if values[m] is not None}) > 1]
+    return {
+        "kind": group.kind,
+        "rows": [int(rows[m]) for m in members],
+        "paths": [paths[m] for m in members],
+        "splits": [splits[m] for m in members],
+        "labels": {head: [values[m] for m in members] for head, values in labels.items()},
+        "leakage": len({splits[m] for m in members}) > 1,
+        "conflicts": conflicts,
+        "matches": [{"a": int(rows[a]), "b": int(rows[b]), "bits": bits, "kind": kind}
+                    for a, b, bits, kind in group.pairs],
+    }
