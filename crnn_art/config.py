@@ -28,6 +28,9 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
 
 
+SPLIT_BY = ("row", "artist", "duplicate_group")
+
+
 @dataclass
 class DataConfig:
     """Where paintings come from and which labels are learned."""
@@ -53,6 +56,12 @@ class DataConfig:
     split_seed: int = 0
     """Seed of the split: each row's split is a hash of (split_seed, row id), so it never depends on the order of
     rows."""
+    split_by: str = "row"
+    """What the split hashes: row (each painting alone), artist (all of an artist's paintings in one split: no
+    artist in both train and test), or duplicate_group (all copies of a painting in one split; needs
+    data.duplicates). Rows without copies or without a known artist keep their row's split."""
+    duplicates: str | None = None
+    """With split_by=duplicate_group: the duplicates.json that crnn-art duplicates wrote for this source."""
     min_artist_count: int = 1
     """Artists with fewer paintings than this are left out of the artist head (their rows keep their other labels)."""
     artist_list: str | None = None
@@ -384,6 +393,9 @@ def validate(cfg: RunConfig) -> None:
     for key in ("val_fraction", "test_fraction"):
         value = getattr(d, key)
         need(0.0 <= value < 1.0, f"data.{key}", "use a fraction in [0, 1)", value)
+    need(d.split_by in SPLIT_BY, "data.split_by", f"choose one of {', '.join(SPLIT_BY)}", d.split_by)
+    need(d.split_by != "duplicate_group" or bool(d.duplicates), "data.duplicates",
+         "split_by=duplicate_group needs the duplicates.json of `crnn-art duplicates --source ...`", d.duplicates)
     need(d.val_fraction > 0, "data.val_fraction", "validation needs a fraction > 0", d.val_fraction)
     need(d.val_fraction + d.test_fraction < 1.0, "data.val_fraction + data.test_fraction",
          "leave some data for training (sum < 1)", d.val_fraction + d.test_fraction)

@@ -13,7 +13,7 @@ import torch
 from crnn_art.config import RunConfig, config_text
 from crnn_art.data.loaders import DrawnBatches, PaintingDataset
 from crnn_art.data.sampling import GlobalDrawBatchSampler, balanced_weights, local_batch_size
-from crnn_art.data.sources import TaskLabels, make_splits, open_source, task_labels, write_splits
+from crnn_art.data.sources import TaskLabels, make_splits, open_source, split_keys, task_labels, write_splits
 from crnn_art.data.streaming import balanced_class_weights, materialize_split, streamed_batches
 from crnn_art.data.transforms import (
     IMAGENET_MEAN,
@@ -74,7 +74,8 @@ def build_train_data(cfg: RunConfig, accelerator, out: Path, write_run_files: bo
     with accelerator.local_main_process_first():  # one process per machine generates/downloads first
         opened = open_source(cfg.data)
     labels = task_labels(opened.dataset, cfg.heads, cfg.data)
-    splits = make_splits(len(opened.dataset), cfg.data, labels.known_rows(), opened.splits)
+    splits = make_splits(len(opened.dataset), cfg.data, labels.known_rows(), opened.splits,
+                         split_keys(opened.dataset, cfg.data))
     if accelerator.is_main_process and write_run_files:
         atomic_write_text(out / "config.yaml", config_text(cfg), "the run's config")
         write_splits(splits, out / "split.json", cfg.data)

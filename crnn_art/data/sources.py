@@ -310,10 +310,44 @@ def _uniform_hash(rows: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def split_keys(dataset, cfg: DataConfig) -> np.ndarray | None:
+    """What each row's split is hashed from (``data.split_by``): None for the row itself; else the row's artist, or
+    its group of copies (the group's first row), and the row itself where it has none, so that those rows keep
+    the split they would have by row."""
+    import json
+
+    if cfg.split_by == "row":
+        return None
+    keys = np.arange(len(dataset), dtype=np.int64)
+    if cfg.split_by == "artist":
+        names = dataset.features["artist"].names if hasattr(dataset.features["artist"], "names") else None
+        values = dataset["artist"]
+        artists = [names[v] if names is not None and isinstance(v, int) else v for v in values]
+        ids: dict[str, int] = {}
+        for row, artist in enumerate(artists):
+            if artist is not None and artist not in UNKNOWN_NAMES:
+                keys[row] = (1 << 40) + ids.setdefault(str(artist), len(ids))
+        return keys
+    path = Path(cfg.duplicates)
+    try:
+        groups = json.loads(path.read_text())["groups"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"data.duplicates {cfg.duplicates!r} is not a duplicates.json ({type(exc).__name__}); run "
+                        "crnn-art duplicates --source ... and give its duplicates.json") from exc
+    for group in groups:
+        rows = [r for r in group["rows"] if 0 <= r < len(keys)]
+        if len(rows) != len(group["rows"]):
+            raise DataError(f"data.duplicates {cfg.duplicates!r} names rows this source does not have: it was "
+                            "written for another source; run crnn-art duplicates on this one")
+        keys[rows] = min(rows)
+    return keys
+
+
 def make_splits(num_rows: int, cfg: DataConfig, usable: np.ndarray | None = None,
-                predefined: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                predefined: dict[str, np.ndarray] | None = None,
+                keys: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Train/validation/test row ids: the source's own splits if it has them, else a hash of
-    (split_seed, row id) per row.
+    (split_seed, row id) per row (or of ``keys``, see ``split_keys``: rows with one key share a split).
 
     A hashed row's split depends on nothing but its id and the seed: not on the order rows are
     read in, the number of processes, or the task. The Hub dataset is ordered by artist, so taking
@@ -323,13 +357,16 @@ def make_splits(num_rows: int, cfg: DataConfig, usable: np.ndarray | None = None
     if usable is not None:
         mask[:] = False
         mask[usable] = True
+    if predefined is not None and cfg.split_by != "row":
+        raise DataError(f"data.split_by={cfg.split_by} hashes rows into splits, but {cfg.source} has splits of its "
+                        "own; use data.split_by=row with it")
     if predefined is not None:
         out = {name: np.asarray(predefined.get(name, []), dtype=np.int64) for name in SPLITS}
         out = {name: rows[mask[rows]] for name, rows in out.items()}
         how = "the source's own splits"
     else:
         rows = np.arange(num_rows)
-        u = _uniform_hash(rows, cfg.split_seed)
+        u = _uniform_hash(rows if keys is None else keys, cfg.split_seed)
         test_cut = cfg.test_fraction
         val_cut = test_cut + cfg.val_fraction
         split_of = np.where(u < test_cut, 2, np.where(u < val_cut, 1, 0))
@@ -347,7 +384,8 @@ def make_splits(num_rows: int, cfg: DataConfig, usable: np.ndarray | None = None
 def write_splits(splits: dict[str, np.ndarray], path: str | Path, cfg: DataConfig) -> None:
     """``split.json``: the row ids of each split and what they were drawn from (replaced whole, never half-written)."""
     payload = {
-        "source": cfg.source, "revision": cfg.revision, "split_seed": cfg.split_seed,
+        "source": cfg.source, "revision": cfg.revision, "split_seed": cfg.split_seed, "split_by": cfg.split_by,
+        "duplicates": cfg.duplicates,
         # judged where the run was started (a relative local path exists only there), for the model card
         "hub_dataset": cfg.source not in ("demo", "artgan") and not Path(cfg.source).expanduser().exists(),
         "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,

@@ -69,7 +69,7 @@ def _hash_share(images, positions: list[int], workers: int, progress) -> list[tu
 def open_for_duplicates(checkpoint: str | None, source: str | None, overrides: list[str]):
     """The run's (``--checkpoint``) or a source's data: config, opened source, labels and every row's split."""
     from crnn_art.config import load_run_config, resolve_config
-    from crnn_art.data.sources import make_splits, open_source, read_splits, task_labels
+    from crnn_art.data.sources import make_splits, open_source, read_splits, split_keys, task_labels
 
     if (checkpoint is None) == (source is None):
         raise DataError("give --checkpoint RUN (its data and splits) or --source SOURCE, not both or neither")
@@ -86,7 +86,7 @@ def open_for_duplicates(checkpoint: str | None, source: str | None, overrides: l
     opened = open_source(cfg.data)
     labels = task_labels(opened.dataset, cfg.heads, cfg.data)
     splits = read_splits(run / "split.json") if run is not None else make_splits(
-        len(opened.dataset), cfg.data, labels.known_rows(), opened.splits)
+        len(opened.dataset), cfg.data, labels.known_rows(), opened.splits, split_keys(opened.dataset, cfg.data))
     return cfg, run, opened, labels, splits
 
 

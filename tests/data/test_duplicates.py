@@ -110,3 +110,53 @@ def test_duplicates_of_a_folder_flag_conflicts_and_leakage_the_same_on_one_and_t
     assert page.count("data:image/jpeg;base64,") >= 4 and "conflict" in page
     assert (tmp_path / "one" / "duplicates.csv").read_text().count("\n") == 1 + sum(len(g["rows"]) for g in
                                                                                   one["groups"])
+
+
+def _artists_dataset():
+    from datasets import ClassLabel, Dataset, Features
+
+    names = ["Unknown Artist", *[f"artist-{i}" for i in range(30)]]
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, len(names), 600).tolist()
+    return Dataset.from_dict({"artist": values}, features=Features({"artist": ClassLabel(names=names)})), values
+
+
+def _split_of(splits: dict[str, np.ndarray]) -> dict[int, str]:
+    return {int(r): name for name, rows in splits.items() for r in rows.tolist()}
+
+
+def test_artist_splits_keep_each_artist_in_one_split_and_unknown_artists_by_row():
+    from crnn_art.config import resolve_config
+    from crnn_art.data.sources import make_splits, split_keys
+
+    dataset, values = _artists_dataset()
+    by_row = _split_of(make_splits(len(dataset), resolve_config(None, None, []).data))
+    cfg = resolve_config(None, None, ["data.split_by=artist"]).data
+    by_artist = _split_of(make_splits(len(dataset), cfg, keys=split_keys(dataset, cfg)))
+    for artist in set(values) - {0}:
+        assert len({by_artist[r] for r, v in enumerate(values) if v == artist}) == 1
+    assert all(by_artist[r] == by_row[r] for r, v in enumerate(values) if v == 0)  # unknown: the row's split
+    assert {by_artist[r] for r in range(len(values))} == {"train", "validation", "test"}
+
+
+def test_duplicate_group_splits_keep_copies_together_and_leave_other_rows_where_they_were(tmp_path):
+    from crnn_art.config import resolve_config
+    from crnn_art.data.sources import make_splits, split_keys
+    from crnn_art.errors import ConfigError, DataError
+
+    dataset, _ = _artists_dataset()
+    groups = [{"rows": [5, 300, 599]}, {"rows": [10, 11]}, {"rows": [42, 77, 123, 400]}]
+    (tmp_path / "duplicates.json").write_text(json.dumps({"groups": groups}))
+    by_row = _split_of(make_splits(len(dataset), resolve_config(None, None, []).data))
+    grouped = ["data.split_by=duplicate_group", f"data.duplicates={tmp_path / 'duplicates.json'}"]
+    cfg = resolve_config(None, None, grouped).data
+    by_group = _split_of(make_splits(len(dataset), cfg, keys=split_keys(dataset, cfg)))
+    assert all(len({by_group[r] for r in g["rows"]}) == 1 for g in groups)  # no group crosses splits
+    in_groups = {r for g in groups for r in g["rows"]}
+    assert all(by_group[r] == by_row[r] for r in range(len(dataset)) if r not in in_groups)
+    with pytest.raises(ConfigError, match="data.duplicates"):
+        resolve_config(None, None, ["data.split_by=duplicate_group"])
+    (tmp_path / "other.json").write_text(json.dumps({"groups": [{"rows": [5, 10_000]}]}))
+    other = resolve_config(None, None, ["data.split_by=duplicate_group", f"data.duplicates={tmp_path / 'other.json'}"])
+    with pytest.raises(DataError, match="written for another source"):
+        split_keys(dataset, other.data)
