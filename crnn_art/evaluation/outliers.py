@@ -204,6 +204,33 @@ def apply_rules(scored: list[Scored], z_threshold: float = 2.5, confident: float
             s.zscore = float((s.score - sc_med) / sc_mad)
 
 
+CONFLICT_BONUS = 100.0
+"""Added to the score of a painting whose copy carries another label: that is evidence, whatever the model thinks,
+so such paintings rank first (scores otherwise run from about -2 to 6)."""
+
+
+def duplicate_conflicts(cfg, run_dir: Path) -> dict[str, set[int]]:
+    """Per head, the rows whose copy (``crnn-art duplicates``) carries another label: from ``data.duplicates`` or the
+    run's own ``duplicates/duplicates.json``; empty when neither exists."""
+    path = Path(cfg.data.duplicates) if cfg.data.duplicates else run_dir / "duplicates" / "duplicates.json"
+    if not path.is_file():
+        return {}
+    conflicts: dict[str, set[int]] = {}
+    for group in json.loads(path.read_text()).get("groups", []):
+        for head in group.get("conflicts", []):
+            conflicts.setdefault(head, set()).update(int(r) for r in group["rows"])
+    return conflicts
+
+
+def flag_duplicate_conflicts(scored: list[Scored], conflicts: dict[str, set[int]]) -> None:
+    """Flag ``duplicate_conflict`` and rank first every painting whose copy is filed under another label."""
+    for s in scored:
+        if s.row in conflicts.get(s.head, ()):
+            s.flags = "+".join(f for f in (s.flags, "duplicate_conflict") if f)
+            s.score += CONFLICT_BONUS
+            s.zscore += CONFLICT_BONUS
+
+
 def rank(scored: list[Scored], key: str = "score") -> list[Scored]:
     """Highest first; scores rounded to 1e-6 and ties broken by row so 1 and N processes agree."""
     return sorted(scored, key=lambda s: (-round(getattr(s, key), 6), s.row))
@@ -305,6 +332,7 @@ def find_outliers(checkpoint: str, split: str = "train", top: int = 50, mode: st
         scored += score_head(head, z, logits[head][known], y, rows_known, centroids, agreement)
     scored = gather_object(scored)
     apply_rules(scored, confident=0.7)
+    flag_duplicate_conflicts(scored, duplicate_conflicts(cfg, run_dir))
 
     result: dict[str, Any] = {"split": split, "heads": {}}
     wrong = _known_wrong_rows(cfg, known_wrong)

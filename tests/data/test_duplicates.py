@@ -160,3 +160,31 @@ def test_duplicate_group_splits_keep_copies_together_and_leave_other_rows_where_
     other = resolve_config(None, None, ["data.split_by=duplicate_group", f"data.duplicates={tmp_path / 'other.json'}"])
     with pytest.raises(DataError, match="written for another source"):
         split_keys(dataset, other.data)
+
+
+def test_outliers_rank_first_the_paintings_whose_copy_carries_another_label(tmp_path):
+    """A copy filed under another style is certain evidence: after `duplicates --checkpoint RUN`, `outliers` flags
+    every such painting `duplicate_conflict` and ranks it first, whatever the (weak, 1-epoch) model thinks."""
+    root = tmp_path / "paintings"
+    styles = ["Impressionism", "Cubism", "Baroque"]
+    for i in range(90):
+        (root / styles[i % 3]).mkdir(parents=True, exist_ok=True)
+        painting(48, seed=2000 + i).save(root / styles[i % 3] / f"artist-{i}_work.jpg")
+    for i in range(0, 24, 3):  # 8 paintings of Impressionism also filed under Cubism
+        _reencoded(Image.open(root / "Impressionism" / f"artist-{i}_work.jpg")).save(root / "Cubism" / f"copy-{i}.jpg")
+    run = tmp_path / "run"
+    run_cli(["train", "--output-dir", str(run), f"--set=data.source={root}", "--set=data.image_size=32",
+             "--set=data.num_workers=0", "--set=model.backbone_weights=null", "--set=train.epochs=1",
+             "--set=train.batch_size=8", "--set=train.eval_batch_size=16", "--set=augment.mixup_prob=0",
+             "--set=augment.cutmix_prob=0"])
+    run_cli(["duplicates", "--checkpoint", str(run)])
+    groups = json.loads((run / "duplicates" / "duplicates.json").read_text())["groups"]
+    conflicting = {r for g in groups if g["conflicts"] == ["style"] for r in g["rows"]}
+    assert len([g for g in groups if g["conflicts"]]) == 8
+    run_cli(["outliers", "--checkpoint", str(run), "--split", "train", "--top", "40"])
+    ranked = json.loads((run / "outliers_train" / "outliers.json").read_text())["outliers"]
+    flagged = [r["row"] for r in ranked if "duplicate_conflict" in r["flagged_by"]]
+    in_train = conflicting & {r["row"] for r in ranked} | conflicting & set(
+        np.asarray(json.loads((run / "split.json").read_text())["train"]).tolist())
+    assert in_train and set(flagged) == in_train  # every conflicting painting of the split, and only those
+    assert [r["row"] for r in ranked[:len(flagged)]] == flagged  # ranked first
