@@ -62,6 +62,9 @@ class DataConfig:
     data.duplicates). Rows without copies or without a known artist keep their row's split."""
     duplicates: str | None = None
     """With split_by=duplicate_group: the duplicates.json that crnn-art duplicates wrote for this source."""
+    label_overrides: str | None = None
+    """A reviewer's decisions.csv (row, path, head, decision, new_label; decision keep, relabel or drop): relabels
+    and drops applied by row id before the split, in training and in every evaluation of the run."""
     min_artist_count: int = 1
     """Artists with fewer paintings than this are left out of the artist head (their rows keep their other labels)."""
     artist_list: str | None = None
@@ -393,6 +396,8 @@ def validate(cfg: RunConfig) -> None:
     for key in ("val_fraction", "test_fraction"):
         value = getattr(d, key)
         need(0.0 <= value < 1.0, f"data.{key}", "use a fraction in [0, 1)", value)
+    need(d.label_overrides is None or Path(d.label_overrides).is_file(), "data.label_overrides",
+         "give the decisions.csv file a review wrote (row, path, head, decision, new_label)", d.label_overrides)
     need(d.split_by in SPLIT_BY, "data.split_by", f"choose one of {', '.join(SPLIT_BY)}", d.split_by)
     need(d.split_by != "duplicate_group" or bool(d.duplicates), "data.duplicates",
          "split_by=duplicate_group needs the duplicates.json of `crnn-art duplicates --source ...`", d.duplicates)

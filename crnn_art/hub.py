@@ -154,6 +154,17 @@ def model_card(run_dir: str | Path, model_dir: str | Path, repo_id: str | None =
                                                                      training, repo_id, picture))
 
 
+def _review_line(cfg) -> str:
+    """What a label review changed in the training data (``data.label_overrides``), for the card."""
+    if not cfg.data.label_overrides or not Path(cfg.data.label_overrides).is_file():
+        return ""
+    from crnn_art.data.sources import read_decisions
+
+    decisions = [d["decision"].strip() for d in read_decisions(cfg.data.label_overrides)]
+    return (f"\n\nLabels reviewed before training: {decisions.count('relabel')} labels changed, "
+            f"{decisions.count('drop')} rows dropped by review (`data.label_overrides`).")
+
+
 def _card_text(cfg, config: dict, run_dir: Path, model_dir: Path, metrics: dict, split: str, evaluated: bool,
                per_head: dict, dataset_name: str, training: dict, repo_id: str | None, picture: str | None) -> str:
     heads = list(config["heads"])
@@ -193,13 +204,14 @@ def _card_text(cfg, config: dict, run_dir: Path, model_dir: Path, metrics: dict,
     backbone = cfg.model.backbone_weights or "random initialisation"
     trunk = {"resnet50": "ResNet-50"}.get(config.get("backbone", "resnet50"), config.get("backbone", "resnet50"))
     mean, std = (", ".join(str(v) for v in config.get(key, [])) for key in ("mean", "std"))
+    review = _review_line(cfg)
     return f"""# crnn-art: {', '.join(heads)} classifier of paintings
 
 A convolutional-recurrent classifier ({trunk} backbone, row and column bidirectional GRUs with
 attention pooling, one linear head per task) trained with crnn-art on
 **{dataset_name}**. Input: RGB, {config['image_size']} px (evaluation: resize the short side to
 {round(config['image_size'] * 416 / 384)}, centre-crop), normalised with mean {mean} and std {std}.
-Heads: {classes}.
+Heads: {classes}.{review}
 
 ## Install and use
 

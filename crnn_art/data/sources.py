@@ -283,7 +283,60 @@ def task_labels(ds, heads: tuple[str, ...], cfg: DataConfig) -> TaskLabels:
         remap[keep] = np.arange(len(keep))
         names[head] = [source_names[i] for i in keep]
         columns.append(np.where(raw >= 0, remap[np.clip(raw, 0, None)], -1))
-    return TaskLabels(heads=heads, class_names=names, labels=np.stack(columns, axis=1))
+    labels = np.stack(columns, axis=1)
+    if cfg.label_overrides:
+        apply_label_overrides(labels, names, heads, cfg.label_overrides)
+    return TaskLabels(heads=heads, class_names=names, labels=labels)
+
+
+DECISIONS = ("keep", "relabel", "drop")
+
+
+def read_decisions(path: str | Path) -> list[dict[str, str]]:
+    """A review's ``decisions.csv``: one dict per line with ``row``, ``head``, ``decision``, ``new_label`` (``path``
+    optional); a file without those columns is one ``DataError``."""
+    import csv
+
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"row", "head", "decision", "new_label"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"data.label_overrides {str(path)!r} lacks the column(s) {', '.join(sorted(missing))}; "
+                            "a decisions file has row, path, head, decision, new_label")
+        return list(reader)
+
+
+def apply_label_overrides(labels: np.ndarray, names: dict[str, list[str]], heads: tuple[str, ...],
+                          path: str | Path) -> tuple[int, int]:
+    """Apply a review in place: ``relabel`` sets the head's label to ``new_label``, ``drop`` removes the row from
+    the task (every head unknown). Returns ``(labels changed, rows dropped)``. Anything that does not fit (an
+    unknown row, head, label or decision) is one ``DataError`` naming the line."""
+    changed, dropped = 0, 0
+    for line, d in enumerate(read_decisions(path), start=2):
+        where = f"data.label_overrides {str(path)!r} line {line}"
+        decision = (d["decision"] or "").strip()
+        if decision not in DECISIONS:
+            raise DataError(f"{where}: decision {decision!r} is not one of {', '.join(DECISIONS)}")
+        try:
+            row = int(d["row"])
+        except ValueError:
+            raise DataError(f"{where}: row {d['row']!r} is not a row id (an integer)") from None
+        if not 0 <= row < len(labels):
+            raise DataError(f"{where}: row {row} does not exist (the source has {len(labels)} rows): the decisions "
+                            "were made on another source")
+        head = (d["head"] or "").strip()
+        if head not in heads:
+            raise DataError(f"{where}: head {head!r} is not a head of this task ({', '.join(heads)})")
+        if decision == "drop":
+            labels[row] = -1
+            dropped += 1
+        elif decision == "relabel":
+            new = (d["new_label"] or "").strip()
+            if new not in names[head]:
+                raise DataError(f"{where}: {new!r} is not a class of head {head} (e.g. {', '.join(names[head][:3])})")
+            changed += int(labels[row, heads.index(head)] != names[head].index(new))
+            labels[row, heads.index(head)] = names[head].index(new)
+    return changed, dropped
 
 
 def _norm(name: str) -> str:

@@ -170,3 +170,38 @@ def test_unknown_sources_fail_in_one_line(tmp_path, bad):
     result = run_cli(["train", "--output-dir", str(tmp_path / "r"), f"--set={bad}"], check=False,
                      env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_label_overrides_relabel_and_drop_by_row_and_refuse_what_does_not_fit(tmp_path, demo_dir):
+    """A reviewer's decisions.csv: relabels and drops by row id, before the split; an unknown row, head, label or
+    decision is one line naming the file and the line."""
+    from crnn_art.config import resolve_config
+    from crnn_art.data.sources import open_source, task_labels
+    from crnn_art.errors import ConfigError, DataError
+
+    base = ["data.source=demo", f"data.demo_dir={demo_dir}", "data.demo_size=200", "data.demo_image_side=48",
+            "data.demo_styles=4"]
+    cfg = resolve_config(None, None, base)
+    opened = open_source(cfg.data)
+    before = task_labels(opened.dataset, cfg.heads, cfg.data)
+    names = before.class_names["style"]
+    other = names[(before.labels[3, 0] + 1) % len(names)]
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text("row,path,head,decision,new_label\n"
+                         f"3,,style,relabel,{other}\n7,,style,drop,\n9,,style,keep,\n")
+    reviewed = resolve_config(None, None, [*base, f"data.label_overrides={decisions}"]).data
+    after = task_labels(opened.dataset, cfg.heads, reviewed)
+    assert names[after.labels[3, 0]] == other and after.labels[7, 0] == -1
+    assert 7 not in after.known_rows().tolist()
+    changed = np.flatnonzero(after.labels[:, 0] != before.labels[:, 0]).tolist()
+    assert changed == [3, 7]
+    for line, problem in (("999999,,style,drop,", "row 999999 does not exist"),
+                          ("3,,genre,drop,", "head 'genre' is not a head of this task"),
+                          ("3,,style,relabel,Dadaism-ish", "'Dadaism-ish' is not a class of head style"),
+                          ("3,,style,delete,", "decision 'delete' is not one of keep, relabel, drop")):
+        decisions.write_text("row,path,head,decision,new_label\n" + line + "\n")
+        with pytest.raises(DataError, match=f"line 2: {problem}") as info:
+            task_labels(opened.dataset, cfg.heads, reviewed)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="data.label_overrides"):
+        resolve_config(None, None, [*base, f"data.label_overrides={tmp_path / 'missing.csv'}"])
