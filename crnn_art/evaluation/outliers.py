@@ -70,6 +70,8 @@ class Scored:
     low_conf_score: float
     flags: str = ""
     zscore: float = 0.0
+    probs: Any = None
+    """The model's softmax over the head's classes (float32 numpy), for other tools (``pred_probs_<head>.npz``)."""
 
 
 def class_sums(z: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,10 +169,11 @@ def score_head(head: str, z: torch.Tensor, logits: torch.Tensor, labels: torch.T
     seed = (1 - own) - margin + 0.25 * mismatch
     cols = [t.detach().cpu().tolist()
             for t in (rows, labels, pred, confidence, p_given, own, margin, agreement, score, seed)]
+    prob_rows = probs.detach().cpu().numpy().astype(np.float32)
     return [
         Scored(head, int(r), int(y), int(p), float(c), float(pg), float(o), float(m), float(a), float(s),
-               float(sd), 1 - float(pg))
-        for r, y, p, c, pg, o, m, a, s, sd in zip(*cols, strict=True)
+               float(sd), 1 - float(pg), probs=prob_rows[i])
+        for i, (r, y, p, c, pg, o, m, a, s, sd) in enumerate(zip(*cols, strict=True))
     ]
 
 
@@ -354,10 +357,15 @@ def find_outliers(checkpoint: str, split: str = "train", top: int = 50, mode: st
         _write_csv(out / "all_scores.csv", [s for h in cfg.heads for s in rank([x for x in scored if x.head == h])],
                    model.class_names, path_of)
         _write_html(out / "outliers.html", selected_all, model, dataset, rows, split, path_of)
+        for head in cfg.heads:  # the same probabilities for other tools (cleanlab's find_label_issues, ...)
+            mine = sorted((s for s in scored if s.head == head), key=lambda s: s.row)
+            np.savez_compressed(out / f"pred_probs_{head}.npz", rows=np.array([s.row for s in mine]),
+                                labels=np.array([s.label for s in mine]),
+                                pred_probs=np.stack([s.probs for s in mine]) if mine else np.zeros((0, 0)))
         result["outliers"] = [_record(s, model.class_names, path_of) for s in selected_all]
         (out / "outliers.json").write_text(json.dumps(result, indent=2))
         console.print(outliers_table(result["outliers"], split, len(scored)))
-        console.print(f"written {out}/: outliers.csv, outliers.html, all_scores.csv, outliers.json")
+        console.print(f"written {out}/: outliers.csv, outliers.html, all_scores.csv, outliers.json, pred_probs_*.npz")
     accelerator.end_training()
     return result
 
