@@ -21,6 +21,7 @@ import torch
 
 from crnn_art.data.duplicates import NEAR_BITS, describe, find_groups, image_key
 from crnn_art.errors import DataError
+from crnn_art.evaluation.review_page import SCRIPT, STYLE, review_bar, review_controls
 
 THUMB_SIDE = 160
 """Pixels of the longer side of each copy on the HTML page."""
@@ -149,7 +150,7 @@ def _report(keys, opened, labels, split_of, near_bits: int, out: Path, console) 
     out.mkdir(parents=True, exist_ok=True)
     (out / "duplicates.json").write_text(json.dumps({"summary": summary, "groups": described}, indent=2))
     _write_csv(out / "duplicates.csv", described, list(names))
-    _write_html(out / "duplicates.html", described, opened.dataset)
+    _write_html(out / "duplicates.html", described, opened.dataset, labels.class_names)
     console.print(duplicates_table(summary))
     console.print(f"written {out}/: duplicates.csv, duplicates.json, duplicates.html")
     return summary
@@ -170,7 +171,20 @@ def _write_csv(path: Path, groups: list[dict[str, Any]], heads: list[str]) -> No
                                  g["paths"][i], *[g["labels"][h][i] or "" for h in heads]])
 
 
-def _write_html(path: Path, groups: list[dict[str, Any]], dataset) -> None:
+def _controls(g: dict[str, Any], i: int, class_names: dict[str, list[str]]) -> str:
+    """keep / relabel / drop for one copy, per head with a known label; the suggested new label is another
+    copy's (a conflict) or its own."""
+    parts = []
+    for head, values in g["labels"].items():
+        if values[i] is None:
+            continue
+        others = [v for v in values if v is not None and v != values[i]]
+        parts.append(f"{html.escape(head)}: " + review_controls(g["rows"][i], head, g["paths"][i], class_names[head],
+                                                                 values[i], others[0] if others else values[i]))
+    return "".join(parts)
+
+
+def _write_html(path: Path, groups: list[dict[str, Any]], dataset, class_names: dict[str, list[str]]) -> None:
     from crnn_art.data.decoding import decode_image
 
     def picture(row: int) -> str:
@@ -189,7 +203,7 @@ def _write_html(path: Path, groups: list[dict[str, Any]], dataset) -> None:
         copies = "".join(
             f'<figure>{picture(row)}<figcaption>row {row} · {html.escape(g["splits"][i])}<br>'
             + "<br>".join(f"{html.escape(h)}: {html.escape(str(v[i]))}" for h, v in g["labels"].items())
-            + f'<br><small>{html.escape(g["paths"][i])}</small></figcaption></figure>'
+            + f'<br><small>{html.escape(g["paths"][i])}</small>{_controls(g, i, class_names)}</figcaption></figure>'
             for i, row in enumerate(g["rows"]))
         cards.append(f'<section class="{g["kind"]}{flags}"><h2>group {n}: {g["kind"]} copies{flags}'
                      f'{" (" + ", ".join(g["conflicts"]) + ")" if g["conflicts"] else ""}</h2>{copies}</section>')
@@ -197,5 +211,6 @@ def _write_html(path: Path, groups: list[dict[str, Any]], dataset) -> None:
         "<!doctype html><meta charset=utf-8><title>crnn-art duplicates</title><style>"
         "body{font-family:sans-serif} section{border:1px solid #ccc;margin:8px;padding:8px}"
         ".leakage{border-color:#d80} .conflict{background:#fee} figure{display:inline-block;margin:4px;"
-        "max-width:200px;vertical-align:top;word-break:break-all}</style>"
-        f"<h1>{len(groups)} groups of copies</h1>" + "".join(cards))
+        "max-width:260px;vertical-align:top;word-break:break-all}" + STYLE + "</style>"
+        f"<body data-page='{html.escape(str(path.resolve()))}'>" + review_bar()
+        + f"<h1>{len(groups)} groups of copies</h1>" + "".join(cards) + SCRIPT)

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from crnn_art.evaluation.review_page import SCRIPT, STYLE, review_bar, review_controls
+
 SELECT_MODES = ("top", "threshold", "zscore")
 KNN_K = 10
 KNN_DIM = 64
@@ -410,7 +412,8 @@ def _write_csv(path: Path, scored: list[Scored], class_names: dict[str, list[str
 def _write_html(path: Path, selected: list[Scored], model, dataset, rows: np.ndarray, split: str,
                 path_of: dict[int, str]) -> None:
     """A self-contained page (images inline): the whole painting (open it larger, or the file itself), the
-    model's view with its attention, labels, scores, and the file to fix."""
+    model's view with its attention, labels, scores, the file to fix, and keep / relabel / drop buttons whose
+    decisions export as ``decisions.csv`` (``review_page``)."""
     from crnn_art.data.decoding import decode_image
     from crnn_art.data.transforms import eval_resize
     from crnn_art.heatmaps import attention_map, eval_view, overlay
@@ -438,19 +441,21 @@ def _write_html(path: Path, selected: list[Scored], model, dataset, rows: np.nda
             f"<b>#{i}</b> row {s.row} ({html.escape(s.head)})<br><span class='file'>{where}</span><br>"
             f"given <b>{html.escape(names[s.label])}</b>, predicted <b>{html.escape(names[s.pred])}</b> "
             f"({s.confidence:.2f})<br>own sim {s.own_sim:.3f}, margin {s.margin:.3f}, neighbours agree "
-            f"{s.knn_agree:.0%}, score {s.score:.3f}<br><i>{html.escape(s.flags or '-')}</i></div>"
+            f"{s.knn_agree:.0%}, score {s.score:.3f}<br><i>{html.escape(s.flags or '-')}</i>"
+            + review_controls(s.row, s.head, file, names, names[s.label], names[s.pred]) + "</div>"
         )
     page = (
         "<!doctype html><meta charset='utf-8'><title>crnn-art outliers</title><style>"
         "body{font-family:sans-serif;margin:1em}.card{display:inline-block;width:310px;margin:6px;padding:6px;"
         "border:1px solid #ccc;font-size:12px;vertical-align:top;overflow-wrap:anywhere;word-break:break-word}"
         ".imgs img{width:150px;height:150px;object-fit:contain;margin-right:2px;image-rendering:auto}"
-        ".large{max-width:100%}.file{color:#555}</style>"
+        ".large{max-width:100%}.file{color:#555}" + STYLE + "</style>"
+        f"<body data-page='{html.escape(str(path.resolve()))}'>" + review_bar() +
         f"<h1>Paintings whose label does not fit — {html.escape(split)} split</h1>"
         "<p>Left: the whole painting (open 'larger', or its file); right: the part the model sees, with its "
         "row x column attention. Ranked by score = (1 - own-centroid similarity) - margin + (1 - p(given label)) "
         "+ (1 - share of nearest neighbours with the same label).</p>"
-        + "".join(cards)
+        + "".join(cards) + SCRIPT
     )
     path.write_text(page)
 

@@ -188,3 +188,75 @@ def test_outliers_rank_first_the_paintings_whose_copy_carries_another_label(tmp_
         np.asarray(json.loads((run / "split.json").read_text())["train"]).tolist())
     assert in_train and set(flagged) == in_train  # every conflicting painting of the split, and only those
     assert [r["row"] for r in ranked[:len(flagged)]] == flagged  # ranked first
+
+
+def _browser(downloads):
+    """Headless Chromium (Debian's, installed by launch/test) driven by Selenium, downloading into ``downloads``."""
+    import shutil
+
+    from selenium import webdriver
+
+    binary, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    assert binary and driver, "the review-page test needs Chromium and chromedriver: apt-get install chromium " \
+                              "chromium-driver (launch/test does it where it can)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    return webdriver.Chrome(service=webdriver.ChromeService(driver), options=options)
+
+
+def test_the_review_page_writes_the_decisions_that_the_next_run_reads(folder_with_copies, tmp_path):
+    """In a real (headless) browser, offline: open duplicates.html, relabel one copy of the conflicting pair, drop
+    one, keep one; reload (the decisions stay); export decisions.csv; it is what data.label_overrides reads."""
+    import time
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from crnn_art.config import resolve_config
+    from crnn_art.data.sources import open_source, task_labels
+
+    run_cli(["duplicates", "--source", str(folder_with_copies), "--output-dir", str(tmp_path / "dups")])
+    groups = json.loads((tmp_path / "dups" / "duplicates.json").read_text())["groups"]
+    conflict = next(g for g in groups if g["conflicts"])
+    other = next(g for g in groups if not g["conflicts"])
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser = _browser(downloads)
+    try:
+        browser.get((tmp_path / "dups" / "duplicates.html").as_uri())
+
+        def controls(row: int):
+            return browser.find_element(By.CSS_SELECTOR, f".review[data-row='{row}'][data-head='style']")
+
+        first = controls(conflict["rows"][0])
+        target = conflict["labels"]["style"][1]  # relabel the first copy as the second copy's style
+        Select(first.find_element(By.TAG_NAME, "select")).select_by_visible_text(target)
+        first.find_element(By.CSS_SELECTOR, "button.relabel").click()
+        controls(conflict["rows"][1]).find_element(By.CSS_SELECTOR, "button.keep").click()
+        controls(other["rows"][1]).find_element(By.CSS_SELECTOR, "button.drop").click()
+        browser.refresh()  # kept in the browser while reviewing
+        assert browser.find_element(By.ID, "reviewcount").text == "3"
+        assert controls(other["rows"][1]).get_attribute("data-decision") == "drop"
+        browser.find_element(By.ID, "export").click()
+        for _ in range(100):
+            if (downloads / "decisions.csv").is_file():
+                break
+            time.sleep(0.1)
+    finally:
+        browser.quit()
+    exported = (downloads / "decisions.csv").read_text().splitlines()
+    path_of = {r: p for g in groups for r, p in zip(g["rows"], g["paths"], strict=True)}
+    expected = sorted([(conflict["rows"][0], "relabel", target), (conflict["rows"][1], "keep", ""),
+                       (other["rows"][1], "drop", "")])
+    lines = [f"{r},{path_of[r]},style,{d},{n}" for r, d, n in expected]
+    assert exported == ["row,path,head,decision,new_label", *lines]
+    (tmp_path / "decisions.csv").write_text("\n".join(exported) + "\n")
+    cfg = resolve_config(None, None, [f"data.source={folder_with_copies}",
+                                      f"data.label_overrides={tmp_path / 'decisions.csv'}"])
+    labels = task_labels(open_source(cfg.data).dataset, cfg.heads, cfg.data)
+    assert labels.class_names["style"][labels.labels[conflict["rows"][0], 0]] == target
+    assert labels.labels[other["rows"][1], 0] == -1
