@@ -176,7 +176,13 @@ class TimmTrunk(nn.Module):
         return x.permute(0, 3, 1, 2) if self.nhwc else x
 
     def _grid(self, images: torch.Tensor) -> tuple[int, int]:
-        patch = self.body.patch_embed.patch_size
+        """Rows and columns of patches: from the patch layer (``patch_embed``, or ``stem`` in MLP-Mixers)."""
+        layer = getattr(self.body, "patch_embed", None) or getattr(self.body, "stem", None)
+        patch = getattr(layer, "patch_size", None)
+        if patch is None:
+            raise ModelLoadError(f"{type(self.body).__name__} gives tokens without a patch grid crnn-art can read; "
+                                 "use a CNN or a ViT-style backbone")
+        patch = (patch, patch) if isinstance(patch, int) else patch
         return images.shape[-2] // patch[0], images.shape[-1] // patch[1]
 
     def stem_modules(self) -> list[nn.Module]:

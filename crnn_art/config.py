@@ -317,6 +317,10 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
         built[section] = _build_section(hints[section], section, values or {})
     config = RunConfig(**built)
     validate(config)
+    for key in ("label_overrides", "duplicates"):  # recorded absolute: evaluate/outliers may run from elsewhere
+        value = getattr(config.data, key)
+        if value:
+            setattr(config.data, key, str(Path(value).expanduser().resolve()))
     return config
 
 
@@ -398,6 +402,9 @@ def validate(cfg: RunConfig) -> None:
         need(0.0 <= value < 1.0, f"data.{key}", "use a fraction in [0, 1)", value)
     need(d.label_overrides is None or Path(d.label_overrides).is_file(), "data.label_overrides",
          "give the decisions.csv file a review wrote (row, path, head, decision, new_label)", d.label_overrides)
+    need(d.split_by != "artist" or d.task in ("style", "genre"), "data.split_by",
+         "split_by=artist keeps every artist out of the other splits, so an artist head could never be tested; "
+         "use it with data.task=style or genre", d.split_by)
     need(d.split_by in SPLIT_BY, "data.split_by", f"choose one of {', '.join(SPLIT_BY)}", d.split_by)
     need(d.split_by != "duplicate_group" or bool(d.duplicates), "data.duplicates",
          "split_by=duplicate_group needs the duplicates.json of `crnn-art duplicates --source ...`", d.duplicates)

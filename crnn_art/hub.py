@@ -160,9 +160,11 @@ def _review_line(cfg) -> str:
         return ""
     from crnn_art.data.sources import read_decisions
 
-    decisions = [d["decision"].strip() for d in read_decisions(cfg.data.label_overrides)]
-    return (f"\n\nLabels reviewed before training: {decisions.count('relabel')} labels changed, "
-            f"{decisions.count('drop')} rows dropped by review (`data.label_overrides`).")
+    decisions = read_decisions(cfg.data.label_overrides)
+    changed = len({(d["row"], d["head"]) for d in decisions if d["decision"].strip() == "relabel"})
+    dropped = len({(d["row"], d["head"]) for d in decisions if d["decision"].strip() == "drop"})
+    return (f"\n\nLabels reviewed before training (`data.label_overrides`): {changed} labels relabelled and "
+            f"{dropped} labels dropped by review.")
 
 
 def _card_text(cfg, config: dict, run_dir: Path, model_dir: Path, metrics: dict, split: str, evaluated: bool,

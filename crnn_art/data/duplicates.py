@@ -8,7 +8,9 @@ Each image gets two 64-bit hashes and a tiny colour thumbnail (8 x 8 RGB):
   thumbnail), which a small crop or a colour shift moves only a little.
 
 Two images are **exact copies** when their thumbnails differ by at most ``EXACT_LEVEL`` levels (0-255) on
-average: the same pixels after decoding and shrinking (re-encoded, resized, other EXIF). They are **near
+average and their perceptual hashes by at most ``EXACT_PHASH_BITS`` bits: the same pixels after decoding and
+shrinking (re-encoded, resized, other EXIF). The thumbnail alone would join different sparse drawings on the
+same paper; the hash tells them apart. They are **near
 copies** when their perceptual hashes differ in at most ``near_bits`` bits (default ``NEAR_BITS`` of 64): a
 crop, a colour shift, another scan; raising it finds more copies and more false ones (paintings with the
 same composition), docs/duplicates.md shows the effect.
@@ -27,6 +29,8 @@ import numpy as np
 
 EXACT_LEVEL = 3.0
 """Mean absolute difference (0-255) of the 8 x 8 RGB thumbnails up to which two images count as exact copies."""
+EXACT_PHASH_BITS = 12
+"""Perceptual-hash bits in which exact copies may differ (a re-encoded small image moves up to ~8)."""
 EXACT_SEARCH_BITS = 8
 """Average-hash bits in which exact copies may differ (cells near the mean flip): how wide the search is."""
 NEAR_BITS = 8
@@ -109,7 +113,7 @@ def find_groups(phashes: np.ndarray, ahashes: np.ndarray, thumbs: np.ndarray, ne
     for a, b in pairs.tolist():
         bits = int(hamming(phashes[a:a + 1], phashes[b:b + 1])[0])
         level = float(np.abs(thumbs[a].astype(np.int16) - thumbs[b].astype(np.int16)).mean())
-        kind = "exact" if level <= exact_level else "near"
+        kind = "exact" if level <= exact_level and bits <= EXACT_PHASH_BITS else "near"
         if kind == "near" and bits > near_bits:
             continue
         matched.append((a, b, bits, kind))

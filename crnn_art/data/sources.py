@@ -297,7 +297,7 @@ def read_decisions(path: str | Path) -> list[dict[str, str]]:
     optional); a file without those columns is one ``DataError``."""
     import csv
 
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a file saved by a spreadsheet starts with a BOM
         reader = csv.DictReader(fh)
         missing = {"row", "head", "decision", "new_label"} - set(reader.fieldnames or [])
         if missing:
@@ -308,9 +308,9 @@ def read_decisions(path: str | Path) -> list[dict[str, str]]:
 
 def apply_label_overrides(labels: np.ndarray, names: dict[str, list[str]], heads: tuple[str, ...],
                           path: str | Path) -> tuple[int, int]:
-    """Apply a review in place: ``relabel`` sets the head's label to ``new_label``, ``drop`` removes the row from
-    the task (every head unknown). Returns ``(labels changed, rows dropped)``. Anything that does not fit (an
-    unknown row, head, label or decision) is one ``DataError`` naming the line."""
+    """Apply a review in place: ``relabel`` sets the head's label to ``new_label``, ``drop`` removes the head's
+    label (a row left without any label leaves the task). Returns ``(labels changed, labels dropped)``. Anything
+    that does not fit (an unknown row, head, label or decision) is one ``DataError`` naming the line."""
     changed, dropped = 0, 0
     for line, d in enumerate(read_decisions(path), start=2):
         where = f"data.label_overrides {str(path)!r} line {line}"
@@ -328,8 +328,8 @@ def apply_label_overrides(labels: np.ndarray, names: dict[str, list[str]], heads
         if head not in heads:
             raise DataError(f"{where}: head {head!r} is not a head of this task ({', '.join(heads)})")
         if decision == "drop":
-            labels[row] = -1
-            dropped += 1
+            dropped += int(labels[row, heads.index(head)] >= 0)
+            labels[row, heads.index(head)] = -1
         elif decision == "relabel":
             new = (d["new_label"] or "").strip()
             if new not in names[head]:
@@ -376,10 +376,15 @@ def split_keys(dataset, cfg: DataConfig) -> np.ndarray | None:
         names = dataset.features["artist"].names if hasattr(dataset.features["artist"], "names") else None
         values = dataset["artist"]
         artists = [names[v] if names is not None and isinstance(v, int) else v for v in values]
+        import hashlib
+
         ids: dict[str, int] = {}
         for row, artist in enumerate(artists):
             if artist is not None and artist not in UNKNOWN_NAMES:
-                keys[row] = (1 << 40) + ids.setdefault(str(artist), len(ids))
+                name = str(artist)
+                if name not in ids:  # from the name alone: not from the order rows are read in
+                    ids[name] = int.from_bytes(hashlib.sha256(name.encode()).digest()[:5], "big")
+                keys[row] = (1 << 41) + ids[name]
         return keys
     path = Path(cfg.duplicates)
     try:

@@ -43,7 +43,12 @@ def embed_splits(checkpoint: str, split: str = "all", output_dir: str | None = N
         raise DataError(f"--split {split!r} is not a split; choose one of {', '.join(SPLITS)} or all")
     out = None
     for name in SPLITS if split == "all" else (split,):
-        run = open_run_split(checkpoint, name)
+        try:
+            run = open_run_split(checkpoint, name)
+        except DataError:
+            if split != "all":
+                raise
+            continue  # an empty split (test_fraction=0, a folder without test/): nothing to embed
         acc = run.accelerator
         out = Path(output_dir) if output_dir else embedding_folder(run.run_dir, run.folder)
         console = make_console(acc.is_main_process)
@@ -97,13 +102,16 @@ def _embed_shard(run, split: str, batch_size: int, progress) -> Any:
         columns[f"{head}_label"] = [names[k] if k >= 0 else None for k in label_ids[:, i].tolist()]
         columns[f"{head}_predicted"] = [names[k] for k in p.argmax(dim=1).tolist()]
         columns[f"{head}_confidence"] = p.max(dim=1).values.numpy() if len(p) else np.zeros(0, dtype=np.float32)
-    dim = model.embedding_dim
     columns["embedding"] = list(torch.cat(embeddings).numpy()) if embeddings else []
-    table = Dataset.from_dict(columns).sort("row")
-    return table.cast_column("embedding", _embedding_feature(dim))
+    return Dataset.from_dict(columns, features=_features(model)).sort("row")
 
 
-def _embedding_feature(dim: int):
-    from datasets import Sequence, Value
+def _features(model):
+    """Fixed column types, so that every shard (an empty one, one whose labels are all unknown) reads as one table."""
+    from datasets import Features, Sequence, Value
 
-    return Sequence(Value("float32"), length=dim)
+    columns = {"row": Value("int64"), "split": Value("string"), "path": Value("string")}
+    for head in model.class_names:
+        columns.update({f"{head}_label": Value("string"), f"{head}_predicted": Value("string"),
+                        f"{head}_confidence": Value("float32")})
+    return Features({**columns, "embedding": Sequence(Value("float32"), length=model.embedding_dim)})

@@ -56,6 +56,7 @@ class RunSplit:
     dataset: Any  # loaders.PaintingDataset with the eval transform
     rows: np.ndarray
     note: str = ""  # which model folder was chosen, when the user gave a run without best/
+    labels: Any = None  # data.sources.TaskLabels of every row (review overrides applied)
 
 
 def open_run_split(checkpoint: str, split: str) -> RunSplit:
@@ -95,7 +96,7 @@ def open_run_split(checkpoint: str, split: str) -> RunSplit:
     with accelerator.local_main_process_first():
         dataset = split_dataset(opened, rows, labels.labels, eval_transform(size, model.mean, model.std),
                                 eval_resize(size), run_dir / STREAMED, split)
-    return RunSplit(cfg, run_dir, folder, accelerator, model, dataset, rows, found.note)
+    return RunSplit(cfg, run_dir, folder, accelerator, model, dataset, rows, found.note, labels)
 
 
 def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | None = None,

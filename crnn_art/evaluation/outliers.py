@@ -214,16 +214,20 @@ CONFLICT_BONUS = 100.0
 so such paintings rank first (scores otherwise run from about -2 to 6)."""
 
 
-def duplicate_conflicts(cfg, run_dir: Path) -> dict[str, set[int]]:
-    """Per head, the rows whose copy (``crnn-art duplicates``) carries another label: from ``data.duplicates`` or the
-    run's own ``duplicates/duplicates.json``; empty when neither exists."""
+def duplicate_conflicts(cfg, run_dir: Path, labels) -> dict[str, set[int]]:
+    """Per head, the rows whose copy (``crnn-art duplicates``) carries another label *now* (``labels``: the run's
+    task labels, review overrides applied, so a conflict a review resolved no longer counts): groups from
+    ``data.duplicates`` or the run's own ``duplicates/duplicates.json``; empty when neither exists."""
     path = Path(cfg.data.duplicates) if cfg.data.duplicates else run_dir / "duplicates" / "duplicates.json"
     if not path.is_file():
         return {}
     conflicts: dict[str, set[int]] = {}
     for group in json.loads(path.read_text()).get("groups", []):
-        for head in group.get("conflicts", []):
-            conflicts.setdefault(head, set()).update(int(r) for r in group["rows"])
+        rows = [int(r) for r in group["rows"] if 0 <= int(r) < len(labels.labels)]
+        for h, head in enumerate(labels.heads):
+            known = {int(labels.labels[r, h]) for r in rows} - {-1}
+            if len(known) > 1:
+                conflicts.setdefault(head, set()).update(rows)
     return conflicts
 
 
@@ -337,7 +341,7 @@ def find_outliers(checkpoint: str, split: str = "train", top: int = 50, mode: st
         scored += score_head(head, z, logits[head][known], y, rows_known, centroids, agreement)
     scored = gather_object(scored)
     apply_rules(scored, confident=0.7)
-    flag_duplicate_conflicts(scored, duplicate_conflicts(cfg, run_dir))
+    flag_duplicate_conflicts(scored, duplicate_conflicts(cfg, run_dir, run.labels))
 
     result: dict[str, Any] = {"split": split, "heads": {}}
     wrong = _known_wrong_rows(cfg, known_wrong)

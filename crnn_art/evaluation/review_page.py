@@ -18,7 +18,7 @@ SCRIPT = """<script>
   const key = 'crnn-art-review:' + document.body.dataset.page;
   let decisions = {};
   try { decisions = JSON.parse(localStorage.getItem(key) || '{}'); } catch (e) { decisions = {}; }
-  const quote = s => /[",\\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+  const quote = s => /[",\\r\\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
   function render() {
     document.querySelectorAll('.review').forEach(el => {
       const d = decisions[el.dataset.row + '/' + el.dataset.head];
@@ -29,13 +29,15 @@ SCRIPT = """<script>
   }
   function save() { localStorage.setItem(key, JSON.stringify(decisions)); render(); }
   document.querySelectorAll('.review').forEach(el => {
-    el.querySelectorAll('button[data-decision]').forEach(b => b.addEventListener('click', () => {
-      const decision = b.dataset.decision;
+    const decide = decision => {
       decisions[el.dataset.row + '/' + el.dataset.head] = {row: el.dataset.row, path: el.dataset.path,
         head: el.dataset.head, decision: decision,
         new_label: decision === 'relabel' ? el.querySelector('select').value : ''};
       save();
-    }));
+    };
+    el.querySelectorAll('button[data-decision]').forEach(
+      b => b.addEventListener('click', () => decide(b.dataset.decision)));
+    el.querySelector('select').addEventListener('change', () => decide('relabel'));  // picking a class relabels
   });
   window.decisionsCsv = () => ['row,path,head,decision,new_label'].concat(Object.values(decisions)
     .sort((a, b) => (+a.row - +b.row) || a.head.localeCompare(b.head))
