@@ -523,11 +523,11 @@ def check_resume_config(run_cfg: RunConfig, cfg: RunConfig, run_dir: str | Path)
     changed = [k for k in sorted(own.keys() | new.keys()) if own.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS]
     if "train.batch_size" in changed:
         raise ConfigError(
-            f"--resume would change train.batch_size {own['train.batch_size']} -> {new['train.batch_size']}: it is "
-            "the global batch (all processes together), which the learning rate, the schedule's length and the "
-            "epoch's batches were planned for, so it stays the same on any number of processes (each takes "
-            f"{own['train.batch_size']}/processes); resume without changing it, or start a new run in another "
-            "--output-dir"
+            f"--resume would change what the run in {run_dir} trains (train.batch_size {own['train.batch_size']} -> "
+            f"{new['train.batch_size']}); it is the global batch (all processes together), which the learning rate, "
+            "the schedule's length and the epoch's batches were planned for, so it stays the same on any number of "
+            f"processes (each takes {own['train.batch_size']}/processes); resume without changing it, or start a new "
+            "run in another --output-dir"
         )
     if changed:
         shown = ", ".join(f"{k} {own.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])

@@ -46,7 +46,7 @@ def test_resume_on_another_number_of_processes_trains_the_rest_of_the_epoch(tmp_
     assert "resumed from 2 process(es) on 1" in two_to_one.stdout
     changed = run_cli(["train", "--output-dir", str(cut), *common, "--set=train.batch_size=16", "--resume", "latest"],
                       processes=1, check=False)
-    assert changed.returncode != 0 and "train.batch_size 8 -> 16: it is the global batch" in changed.stderr
+    assert changed.returncode != 0 and "train.batch_size 8 -> 16); it is the global batch" in changed.stderr
     one_to_two = run_cli(["train", "--output-dir", str(cut), *common, "--resume", "latest"], processes=2)
     assert "resumed from 1 process(es) on 2" in one_to_two.stdout
 
