@@ -137,22 +137,6 @@ def open_stream_source(cfg: DataConfig) -> StreamSource:
     return StreamSource(pieces, Dataset(table, info=DatasetInfo(features=label_features)))
 
 
-def _read_pieces(pieces: list[Piece], wanted: np.ndarray) -> Iterator[dict[str, Any]]:
-    """The generator behind the stream: the wanted rows of each shard, with their row ids."""
-    import pyarrow.parquet as pq
-
-    for piece in pieces:
-        rows = np.arange(piece.first_row, piece.first_row + piece.num_rows)
-        keep = np.flatnonzero(wanted[rows])
-        if len(keep) == 0:
-            continue
-        with _open(piece.file) as fh:
-            images = pq.ParquetFile(fh).read_row_group(piece.row_group, columns=["image"]).column("image")
-        for k in keep:
-            image = images[int(k)].as_py()
-            yield {"row": int(rows[k]), "bytes": image.get("bytes"), "path": image.get("path")}
-
-
 def balanced_class_weights(labels: np.ndarray, num_classes: dict[str, int]) -> dict[str, torch.Tensor]:
     """Per head, ``N / (K * count)`` for each class over ``labels`` (classes absent from it weigh 1)."""
     weights = {}
@@ -343,7 +327,9 @@ def materialize_split(src: StreamSource, rows: np.ndarray, cache_dir: str | os.P
             console.print(f"streaming the {len(rows)} images of the {name} split once into {folder}")
         features = Features({"row": Value("int64"), "image": ImageFeature(decode=False)})
         with ArrowWriter(features=features, path=str(tmp / "data.arrow")) as writer:
-            for record in _read_pieces(src.pieces, src.mask(rows)):
+            ordered = np.sort(rows)  # in file order, one shard at a time
+            shard = np.searchsorted([p.first_row for p in src.pieces], ordered, side="right") - 1
+            for record in read_rows(src.pieces, ordered, shard):
                 writer.write({"row": record["row"], "image": {"bytes": record["bytes"], "path": record["path"]}})
             writer.finalize()
         try:

@@ -70,14 +70,15 @@ class TrainStep:
                  stop_requested: int | None) -> StepResult:
         torch.manual_seed(step_seed(self.t.seed, state.step, self.rank))  # dropout: a function of (seed, step, rank)
         micro_batches = [next(batches) for _ in range(self.t.grad_accum_steps)]
-        unusable, stop, masses = self._agree_before_forward(micro_batches, state, stop_requested)
+        masses = [self._label_mass(b) for b in micro_batches]  # per micro-batch and head: the loss's denominators
+        unusable, stop, totals = self._agree_before_forward(micro_batches, masses, state, stop_requested)
         loss = None
         if unusable:
             state.data_skipped_steps += 1
         else:
             # a non-finite forward also writes NaN into BatchNorm's running statistics: a skipped step puts them back
             buffers = [b.detach().clone() for b in self.raw_model.buffers()]
-            local_loss, finite = self._forward_backward(micro_batches, state.step, frozen, masses)
+            local_loss, finite = self._forward_backward(micro_batches, masses, totals, state.step, frozen)
             loss = self._update(local_loss, finite, state)
             if loss is None:
                 with torch.no_grad():
@@ -87,12 +88,12 @@ class TrainStep:
         state.batch += 1
         return StepResult(loss, stop, [b["row"][b["row"] >= 0] for b in micro_batches])
 
-    def _agree_before_forward(self, micro_batches: list[dict[str, Any]], state: TrainState,
+    def _agree_before_forward(self, micro_batches: list[dict[str, Any]], masses: list[torch.Tensor], state: TrainState,
                               stop_requested: int | None) -> tuple[bool, int | None, list[float]]:
         """One all-reduce before any forward: whether a micro-batch anywhere kept fewer than 2 decodable images
         (then every process skips the step: DDP needs all of them in each backward), how many images failed and
         were drawn, the step's label mass per head (all processes), and whether any process was asked to stop."""
-        mass = torch.stack([self._label_mass(b) for b in micro_batches]).sum(dim=0)
+        mass = torch.stack(masses).sum(dim=0)
         agreed = self.accelerator.reduce(torch.tensor(
             [*self.bad.collect(micro_batches), float(stop_requested == signal.SIGTERM),
              float(stop_requested == signal.SIGINT), *mass.tolist()], dtype=torch.float64,
@@ -109,14 +110,14 @@ class TrainStep:
         return torch.stack([self.mass_weights[head][labels[:, h][labels[:, h] >= 0]].sum()
                             for h, head in enumerate(self.head_sizes)])
 
-    def _forward_backward(self, micro_batches: list[dict[str, Any]], step: int, frozen: bool,
-                          masses: list[float]) -> tuple[torch.Tensor, bool]:
+    def _forward_backward(self, micro_batches: list[dict[str, Any]], masses: list[torch.Tensor], totals: list[float],
+                          step: int, frozen: bool) -> tuple[torch.Tensor, bool]:
         """Accumulate the gradients of every micro-batch; returns this process's share of the step's loss and
         whether it is finite (the gradient norm included, except under fp16, whose loss scaler handles inf
         gradients itself).
 
         Each head's mean loss over a micro-batch is weighed by the micro-batch's share of that head's label mass
-        in the whole step (``masses``, all processes): DDP averages processes equally, so a process with fewer
+        in the whole step (``totals``, all processes): DDP averages processes equally, so a process with fewer
         (or lighter) labels (undecodable files, unknown labels, a stream's last, smaller step) would otherwise
         weigh each of its labels more. The step's loss is then exactly the loss over the global batch (for one
         head and hard labels, ``F.cross_entropy(weight=...)`` over all of it). With equal micro-batches the weight
@@ -131,7 +132,7 @@ class TrainStep:
             targets = one_hot_targets(batch["labels"], list(self.head_sizes.values())).to(self.device)
             images, targets, _ = self.mixer(images, targets, mix_seed(t.seed, step, micro, self.rank))
             share = [m * self.world * t.grad_accum_steps / total if total > 0 else 0.0
-                     for m, total in zip(self._label_mass(batch).tolist(), masses, strict=True)]
+                     for m, total in zip(masses[micro].tolist(), totals, strict=True)]
             # padding alone (a stream's last step): its forward must not move BatchNorm's running statistics
             saved = [b.detach().clone() for b in self.raw_model.buffers()] if _images(batch) == 0 else None
             # gradients are all-reduced once, on the last micro-batch
