@@ -71,6 +71,7 @@ def _embed_shard(run, split: str, batch_size: int, progress) -> Any:
     from torch.utils.data import DataLoader, Subset
 
     from crnn_art.data.loaders import collate, worker_options
+    from crnn_art.evaluation.outliers import embed_shard
     from crnn_art.runtime import fit_to_cores
 
     acc, model, dataset = run.accelerator, run.model.to(run.accelerator.device).eval(), run.dataset
@@ -78,31 +79,18 @@ def _embed_shard(run, split: str, batch_size: int, progress) -> Any:
     loader = DataLoader(Subset(dataset, positions), batch_size=batch_size,
                         collate_fn=functools.partial(collate, keep_skipped=True),
                         **worker_options(fit_to_cores(run.cfg.data.num_workers).workers))
-    task = progress.add_task(f"embed {len(dataset)} paintings", total=len(loader), status="")
-    embeddings, rows, labels, probs = [], [], [], {h: [] for h in model.heads_spec}
-    for batch in loader:
-        with acc.autocast():
-            out = model(batch["image"].to(acc.device))
-        embeddings.append(out.embedding.float().cpu())
-        rows.append(batch["row"])
-        labels.append(batch["labels"])
-        for h in probs:
-            probs[h].append(out.logits[h].float().softmax(dim=1).cpu())
-        progress.advance(task)
-    progress.remove_task(task)
+    heads = tuple(model.class_names)
+    z, logits, labels, rows = embed_shard(model, loader, acc.device, acc.autocast, heads, progress, normalize=False)
     paths = dataset.paths()
-    columns: dict[str, Any] = {
-        "row": torch.cat(rows).numpy() if rows else np.zeros(0, dtype=np.int64),
-        "split": [split] * len(positions),
-        "path": [paths[p] for p in positions],
-    }
-    label_ids = torch.cat(labels).numpy() if labels else np.zeros((0, len(probs)), dtype=np.int64)
+    columns: dict[str, Any] = {"row": rows.cpu().numpy(), "split": [split] * len(positions),
+                               "path": [paths[p] for p in positions]}
+    label_ids = labels.cpu().numpy()
     for i, (head, names) in enumerate(model.class_names.items()):
-        p = torch.cat(probs[head]) if probs[head] else torch.zeros(0, len(names))
+        p = logits[head].softmax(dim=1).cpu()
         columns[f"{head}_label"] = [names[k] if k >= 0 else None for k in label_ids[:, i].tolist()]
         columns[f"{head}_predicted"] = [names[k] for k in p.argmax(dim=1).tolist()]
         columns[f"{head}_confidence"] = p.max(dim=1).values.numpy() if len(p) else np.zeros(0, dtype=np.float32)
-    columns["embedding"] = list(torch.cat(embeddings).numpy()) if embeddings else []
+    columns["embedding"] = list(z.cpu().numpy())
     return Dataset.from_dict(columns, features=_features(model)).sort("row")
 
 

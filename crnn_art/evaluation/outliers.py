@@ -274,8 +274,9 @@ def quality(scored: list[Scored], wrong_rows: set[int]) -> dict[str, dict[str, f
 
 
 @torch.no_grad()
-def embed_shard(model, loader, device, autocast, heads: tuple[str, ...], progress=None):
-    """This process's normalised embeddings, logits, labels and row ids (``progress``: a bar to advance)."""
+def embed_shard(model, loader, device, autocast, heads: tuple[str, ...], progress=None, normalize: bool = True):
+    """This process's embeddings (L2-normalised unless ``normalize=False``), logits, labels and row ids
+    (``progress``: a bar to advance)."""
     zs, logits, labels, rows = [], {h: [] for h in heads}, [], []
     task = progress.add_task("embed", total=len(loader), status="") if progress is not None else None
     for batch in loader:
@@ -283,7 +284,7 @@ def embed_shard(model, loader, device, autocast, heads: tuple[str, ...], progres
             progress.advance(task)
         with autocast():
             out = model(batch["image"].to(device))
-        zs.append(F.normalize(out.embedding.float(), dim=1))
+        zs.append(F.normalize(out.embedding.float(), dim=1) if normalize else out.embedding.float())
         for h in heads:
             logits[h].append(out.logits[h].float())
         labels.append(batch["labels"].to(device))
