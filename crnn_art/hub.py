@@ -183,6 +183,14 @@ def _card_text(cfg, config: dict, run_dir: Path, model_dir: Path, metrics: dict,
                  f"epoch {training.get('epoch', '?')} (the split used to choose the model, so they flatter it); "
                  f"`crnn-art evaluate --checkpoint RUN/{model_dir.name} --split test` evaluates it and refreshes "
                  "this card.")
+    copies = metrics.get("copies_in_train") if evaluated else None
+    if copies is not None:
+        rest = copies.get("metrics_without_them") or {}
+        verb = "has" if copies["rows"] == 1 else "have"
+        where += (f" {copies['rows']} of these {copies['of']} test paintings {verb} a copy in the training split "
+                  "(found by `crnn-art duplicates`)"
+                  + (f"; without them top-1 is {rest['top1']:.2f} and macro F1 {rest['macro_f1']:.2f}."
+                     if copies["rows"] and rest.get("top1") is not None else "."))
     joint = (f"\nJoint exact match (all heads right): {metrics['joint_exact_match']:.2f} %.\n"
              if metrics.get("joint_exact_match") is not None else "")
     picture = f"\n![confusion matrix of the test split]({picture})\n" if picture else ""

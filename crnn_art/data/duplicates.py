@@ -22,10 +22,14 @@ value are compared. Copies are joined into groups (union-find).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from crnn_art.errors import DataError
 
 EXACT_LEVEL = 3.0
 """Mean absolute difference (0-255) of the 8 x 8 RGB thumbnails up to which two images count as exact copies."""
@@ -148,3 +152,37 @@ def describe(group: Group, rows: np.ndarray, splits: list[str], labels: dict[str
         "matches": [{"a": int(rows[a]), "b": int(rows[b]), "bits": bits, "kind": kind}
                     for a, b, bits, kind in group.pairs],
     }
+
+
+def copies_file(duplicates: str | None, run_dir: Path) -> Path | None:
+    """Where a run's groups of copies are: ``data.duplicates`` when set, else the run's own
+    ``duplicates/duplicates.json`` (``crnn-art duplicates --checkpoint RUN``); None when neither exists."""
+    path = Path(duplicates) if duplicates else Path(run_dir) / "duplicates" / "duplicates.json"
+    return path if path.is_file() else None
+
+
+def read_groups(path: Path, num_rows: int) -> list[list[int]]:
+    """The groups of copies (row ids of the source) in a ``duplicates.json``.
+
+    Raises ``DataError`` (one line, with the fix) when the file is not a duplicates.json or names rows past
+    ``num_rows`` (it was written for another source).
+    """
+    try:
+        groups = [[int(r) for r in group["rows"]] for group in json.loads(Path(path).read_text())["groups"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{str(path)!r} is not a duplicates.json ({type(exc).__name__}); run crnn-art duplicates "
+                        "and give its duplicates.json") from exc
+    if any(not 0 <= r < num_rows for rows in groups for r in rows):
+        raise DataError(f"{str(path)!r} names rows this source does not have: it was written for another source; "
+                        "run crnn-art duplicates on this one")
+    return groups
+
+
+def rows_with_a_copy_in(rows: np.ndarray, others: np.ndarray, groups: list[list[int]]) -> np.ndarray:
+    """The ``rows`` (sorted, unique) that have a copy among ``others`` (e.g. test rows with a copy in train)."""
+    wanted, found = set(np.asarray(rows).tolist()), set()
+    other = set(np.asarray(others).tolist())
+    for members in groups:
+        if other.intersection(members):
+            found.update(r for r in members if r in wanted and (other - {r}).intersection(members))
+    return np.array(sorted(found), dtype=np.int64)

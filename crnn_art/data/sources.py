@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from crnn_art.config import DataConfig
+from crnn_art.data.duplicates import read_groups
 from crnn_art.data.schema import IMAGE_EXTENSIONS, SPLITS, UNKNOWN_NAMES, Source, check_schema
 from crnn_art.errors import DataError
 from crnn_art.runs import atomic_write_text
@@ -367,8 +368,6 @@ def split_keys(dataset, cfg: DataConfig) -> np.ndarray | None:
     """What each row's split is hashed from (``data.split_by``): None for the row itself; else the row's artist, or
     its group of copies (the group's first row), and the row itself where it has none, so that those rows keep
     the split they would have by row."""
-    import json
-
     if cfg.split_by == "row":
         return None
     keys = np.arange(len(dataset), dtype=np.int64)
@@ -386,17 +385,11 @@ def split_keys(dataset, cfg: DataConfig) -> np.ndarray | None:
                     ids[name] = int.from_bytes(hashlib.sha256(name.encode()).digest()[:5], "big")
                 keys[row] = (1 << 41) + ids[name]
         return keys
-    path = Path(cfg.duplicates)
     try:
-        groups = json.loads(path.read_text())["groups"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"data.duplicates {cfg.duplicates!r} is not a duplicates.json ({type(exc).__name__}); run "
-                        "crnn-art duplicates --source ... and give its duplicates.json") from exc
-    for group in groups:
-        rows = [r for r in group["rows"] if 0 <= r < len(keys)]
-        if len(rows) != len(group["rows"]):
-            raise DataError(f"data.duplicates {cfg.duplicates!r} names rows this source does not have: it was "
-                            "written for another source; run crnn-art duplicates on this one")
+        groups = read_groups(Path(cfg.duplicates), len(keys))
+    except DataError as exc:
+        raise DataError(f"data.duplicates: {exc}") from exc
+    for rows in groups:
         keys[rows] = min(rows)
     return keys
 

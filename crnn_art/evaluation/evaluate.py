@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from crnn_art.evaluation.metrics import METRIC_KEYS, compute_metrics, gather_predictions
+from crnn_art.data.duplicates import copies_file, read_groups, rows_with_a_copy_in
+from crnn_art.evaluation.metrics import METRIC_KEYS, Predictions, compute_metrics, gather_predictions
 
 
 def _name_in_run(folder: Path, run_dir: Path) -> str:
@@ -99,6 +101,40 @@ def open_run_split(checkpoint: str, split: str) -> RunSplit:
     return RunSplit(cfg, run_dir, folder, accelerator, model, dataset, rows, found.note, labels)
 
 
+def copies_in_train(run: RunSplit, split: str, pred: Predictions) -> dict[str, Any] | None:
+    """How many of the split's rows have a copy in the run's train split, and the metrics without them.
+
+    With ``data.split_by=row`` a painting filed twice can land in train and in test, and the test figure then
+    rewards memory. The groups of copies come from ``data.duplicates`` or the run's own
+    ``duplicates/duplicates.json`` (``crnn-art duplicates --checkpoint RUN``); None when neither exists or
+    ``split`` is train. Raises ``DataError`` when that file is damaged or was written for another source.
+    """
+    from crnn_art.data.sources import read_splits
+
+    path = copies_file(run.cfg.data.duplicates, run.run_dir)
+    if path is None or split == "train":
+        return None
+    train = read_splits(run.run_dir / "split.json")["train"]
+    copied = rows_with_a_copy_in(run.rows, train, read_groups(path, len(run.labels.labels)))
+    keep = ~torch.isin(pred["rows"], torch.from_numpy(copied))
+    without = Predictions(logits={h: v[keep] for h, v in pred["logits"].items()}, labels=pred["labels"][keep],
+                          rows=pred["rows"][keep])
+    return {"rows": len(copied), "of": len(run.rows), "duplicates": str(path),
+            "metrics_without_them": compute_metrics(without, run.cfg.heads) if bool(keep.any()) else None}
+
+
+def _copies_line(copies: dict[str, Any] | None, split: str, run_dir: Path) -> str:
+    if copies is None:
+        return (f"copies of {split} paintings in train: not checked (run `crnn-art duplicates --checkpoint {run_dir}`,"
+                " then evaluate again)")
+    verb = "has" if copies["rows"] == 1 else "have"
+    line = f"{copies['rows']} of {copies['of']} {split} rows {verb} a copy in train ({copies['duplicates']})"
+    rest = copies["metrics_without_them"]
+    if copies["rows"] and rest is not None and rest.get("top1") is not None:
+        line += f"; without them: top-1 {rest['top1']:.2f}, macro-F1 {rest['macro_f1']:.2f}"
+    return line
+
+
 def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | None = None,
                         batch_size: int | None = None) -> dict[str, Any]:
     """Evaluate a run's model on one split of the run's own data, across all launched processes.
@@ -126,6 +162,9 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | 
     metrics = compute_metrics(pred, cfg.heads)
     metrics["split"] = split
     metrics["model"] = {"folder": _name_in_run(folder, run_dir), "sha256": weights_sha256(folder)}
+    copies = copies_in_train(run, split, pred)
+    if copies is not None:
+        metrics["copies_in_train"] = copies
     if accelerator.is_main_process:
         out = Path(output_dir) if output_dir else evaluation_folder(run_dir, folder, split)
         out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +177,8 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | 
             per_class = metrics["per_class"] if len(cfg.heads) == 1 else metrics["heads"].get(head, {}).get("per_class")
             if per_class:
                 console.print(per_class_table(head, per_class))
+        if split != "train":
+            console.print(_copies_line(copies, split, run_dir))
         console.print(f"written {out}/: metrics.json, classification_report*.txt, confusion_matrix*.csv/.png")
     accelerator.end_training()
     return metrics

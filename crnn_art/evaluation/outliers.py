@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from crnn_art.data.duplicates import copies_file, read_groups
 from crnn_art.evaluation.review_page import SCRIPT, STYLE, review_bar, review_controls
 
 SELECT_MODES = ("top", "threshold", "zscore")
@@ -218,12 +219,11 @@ def duplicate_conflicts(cfg, run_dir: Path, labels) -> dict[str, set[int]]:
     """Per head, the rows whose copy (``crnn-art duplicates``) carries another label *now* (``labels``: the run's
     task labels, review overrides applied, so a conflict a review resolved no longer counts): groups from
     ``data.duplicates`` or the run's own ``duplicates/duplicates.json``; empty when neither exists."""
-    path = Path(cfg.data.duplicates) if cfg.data.duplicates else run_dir / "duplicates" / "duplicates.json"
-    if not path.is_file():
+    path = copies_file(cfg.data.duplicates, run_dir)
+    if path is None:
         return {}
     conflicts: dict[str, set[int]] = {}
-    for group in json.loads(path.read_text()).get("groups", []):
-        rows = [int(r) for r in group["rows"] if 0 <= int(r) < len(labels.labels)]
+    for rows in read_groups(path, len(labels.labels)):
         for h, head in enumerate(labels.heads):
             known = {int(labels.labels[r, h]) for r in rows} - {-1}
             if len(known) > 1:

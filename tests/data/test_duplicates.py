@@ -162,9 +162,11 @@ def test_duplicate_group_splits_keep_copies_together_and_leave_other_rows_where_
         split_keys(dataset, other.data)
 
 
-def test_outliers_rank_first_the_paintings_whose_copy_carries_another_label(tmp_path):
-    """A copy filed under another style is certain evidence: after `duplicates --checkpoint RUN`, `outliers` flags
-    every such painting `duplicate_conflict` and ranks it first, whatever the (weak, 1-epoch) model thinks."""
+def test_evaluate_counts_test_copies_in_train_and_outliers_rank_conflicting_copies_first(tmp_path):
+    """After `duplicates --checkpoint RUN`: `evaluate` reports how many test paintings have a copy in train and the
+    metrics without them (before it, it says the check was not made), and the model card says it too. A copy
+    filed under another style is certain evidence: `outliers` flags every such painting `duplicate_conflict` and
+    ranks it first, whatever the (weak, 1-epoch) model thinks."""
     root = tmp_path / "paintings"
     styles = ["Impressionism", "Cubism", "Baroque"]
     for i in range(90):
@@ -177,10 +179,27 @@ def test_outliers_rank_first_the_paintings_whose_copy_carries_another_label(tmp_
              "--set=data.num_workers=0", "--set=model.backbone_weights=null", "--set=train.epochs=1",
              "--set=train.batch_size=8", "--set=train.eval_batch_size=16", "--set=augment.mixup_prob=0",
              "--set=augment.cutmix_prob=0"])
+    unchecked = run_cli(["evaluate", "--checkpoint", str(run), "--split", "test"]).stdout
+    assert "not checked (run `crnn-art duplicates --checkpoint" in " ".join(unchecked.split())
+    assert "copies_in_train" not in json.loads((run / "eval_test_best" / "metrics.json").read_text())
     run_cli(["duplicates", "--checkpoint", str(run)])
     groups = json.loads((run / "duplicates" / "duplicates.json").read_text())["groups"]
     conflicting = {r for g in groups if g["conflicts"] == ["style"] for r in g["rows"]}
     assert len([g for g in groups if g["conflicts"]]) == 8
+
+    # evaluate now counts the test rows whose copy is in train, and gives the metrics without them
+    split = {name: set(rows) for name, rows in json.loads((run / "split.json").read_text()).items()
+             if name in ("train", "val", "test")}
+    leaked = {r for g in groups for r in g["rows"] if r in split["test"] and split["train"] & set(g["rows"])}
+    assert leaked, "the planted copies should put some test paintings' copies in train (fixed seeds)"
+    run_cli(["evaluate", "--checkpoint", str(run), "--split", "test"])
+    metrics = json.loads((run / "eval_test_best" / "metrics.json").read_text())
+    copies = metrics["copies_in_train"]
+    assert (copies["rows"], copies["of"]) == (len(leaked), len(split["test"]))
+    assert copies["metrics_without_them"]["num_samples"] == metrics["num_samples"] - len(leaked)
+    verb = "has" if len(leaked) == 1 else "have"
+    card = " ".join((run / "best" / "README.md").read_text().split())
+    assert f"{len(leaked)} of these {len(split['test'])} test paintings {verb} a copy in the training split" in card
     run_cli(["outliers", "--checkpoint", str(run), "--split", "train", "--top", "40"])
     ranked = json.loads((run / "outliers_train" / "outliers.json").read_text())["outliers"]
     flagged = [r["row"] for r in ranked if "duplicate_conflict" in r["flagged_by"]]
