@@ -216,6 +216,9 @@ def _add_duplicates_command(sub) -> None:
     du.add_argument("--near-bits", type=int, default=8,
                     help="perceptual-hash bits (of 64) in which near copies may differ (default 8; more finds more "
                          "copies and more false ones)")
+    du.add_argument("--cosine", type=float, default=None,
+                    help="with --checkpoint: also join paintings whose embeddings (the run's model) reach this cosine, "
+                         "e.g. 0.95 (finds crops the hash misses; compares every pair, on the accelerator)")
     du.add_argument("--output-dir", default=None, help="default: RUN/duplicates, or ./duplicates with --source")
 
 
@@ -300,7 +303,7 @@ def _label_review_command(args: argparse.Namespace) -> None:
     else:
         from crnn_art.evaluation.duplicates import find_duplicates
 
-        find_duplicates(args.checkpoint, args.source, args.overrides, args.output_dir, args.near_bits)
+        find_duplicates(args.checkpoint, args.source, args.overrides, args.output_dir, args.near_bits, args.cosine)
 
 
 def _export_command(args: argparse.Namespace) -> None:

@@ -125,7 +125,9 @@ def streaming_plan_table(plans: list[dict[str, Any]]) -> Table:
 
 def duplicates_table(summary: dict[str, Any]) -> Table:
     """``crnn-art duplicates``: how many copies, how many cross splits or carry other labels."""
-    table = Table(title=f"copies among {summary['images']:,} images (near: up to {summary['near_bits']} of 64 bits)")
+    near = f"up to {summary['near_bits']} of 64 bits" + (
+        f" or embeddings at cosine >= {summary['cosine']}" if summary.get("cosine") is not None else "")
+    table = Table(title=f"copies among {summary['images']:,} images (near: {near})")
     table.add_column("what")
     table.add_column("count", justify="right")
     for key, what in (("groups", "groups of copies"), ("exact_groups", "  of them exact copies"),

@@ -15,6 +15,12 @@ copies** when their perceptual hashes differ in at most ``near_bits`` bits (defa
 crop, a colour shift, another scan; raising it finds more copies and more false ones (paintings with the
 same composition), docs/duplicates.md shows the effect.
 
+With a trained model, two images are also near copies when the cosine of their embeddings reaches a threshold
+(``cosine_pairs``) *and* their perceptual hashes are within ``EMBEDDING_PHASH_BITS``: the model proposes, the hash
+confirms loosely. That finds crops the hash alone misses at its default bits; the embeddings alone do not tell copies
+from paintings of the same style, since a classifier learns to map those together (docs/duplicates.md has the
+figures). The price is comparing every pair of embeddings (in blocks, as matrix products on the accelerator).
+
 Candidate pairs come from multi-index hashing, not from all pairs: split a hash into ``t + 1`` chunks; two
 hashes within ``t`` bits agree exactly on at least one chunk (pigeonhole), so only images that share a chunk
 value are compared. Copies are joined into groups (union-find).
@@ -38,6 +44,8 @@ EXACT_PHASH_BITS = 12
 EXACT_SEARCH_BITS = 8
 """Average-hash bits in which exact copies may differ (cells near the mean flip): how wide the search is."""
 NEAR_BITS = 8
+EMBEDDING_PHASH_BITS = 16
+"""Perceptual-hash bits within which a pair of close embeddings counts as a near copy (a 5 % crop moves 10-18)."""
 
 
 def _as_int(bits: np.ndarray) -> int:
@@ -95,16 +103,48 @@ class Group:
     members: list[int]
     kind: str
     """``exact`` when every copy is an exact copy of another, else ``near``."""
-    pairs: list[tuple[int, int, int, str]] = field(default_factory=list)
-    """``(a, b, bits, kind)`` for the matches that joined the group."""
+    pairs: list[tuple[int, int, int, str, float | None]] = field(default_factory=list)
+    """``(a, b, bits, kind, cosine)`` for the matches that joined the group (cosine: None unless embeddings were
+    compared)."""
+
+
+def cosine_pairs(z: np.ndarray, threshold: float, block: int = 1024,
+                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)``, ``i < j``, of the rows of ``z`` ((N, D) embeddings) whose cosine is at least
+    ``threshold``, and those cosines ((K, 2) int64, (K,) float32). Exact: each block of ``block`` rows is
+    multiplied with the rows from it on (N^2 D / 2 multiply-adds in all, a block x N matrix in memory).
+
+    The embeddings are centred (their mean subtracted) first: a CNN's pooled features are non-negative and share
+    one large direction, so raw cosines of unrelated paintings sit near 0.97 and say little; centred, unrelated
+    paintings fall near 0 and only copies stay near 1."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.as_tensor(np.asarray(z, dtype=np.float32), device=device)
+    t = F.normalize(t - t.mean(dim=0, keepdim=True), dim=1)
+    found, values = [], []
+    for lo in range(0, len(t), block):
+        sims = t[lo:lo + block] @ t[lo:].T
+        i, j = torch.nonzero(sims >= threshold, as_tuple=True)
+        above = j > i  # the block's own diagonal and below it are not pairs
+        found.append(torch.stack([i[above] + lo, j[above] + lo], dim=1).cpu())
+        values.append(sims[i[above], j[above]].float().cpu())
+    if not found:
+        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.float32)
+    return torch.cat(found).numpy().astype(np.int64), torch.cat(values).numpy()
 
 
 def find_groups(phashes: np.ndarray, ahashes: np.ndarray, thumbs: np.ndarray, near_bits: int = NEAR_BITS,
-                exact_level: float = EXACT_LEVEL) -> list[Group]:
+                exact_level: float = EXACT_LEVEL,
+                similar: tuple[np.ndarray, np.ndarray] | None = None) -> list[Group]:
     """Groups of copies among images given by their perceptual and average hashes (uint64) and thumbnails
-    ((N, 8, 8, 3) uint8), ordered by their first member; single images are not groups."""
+    ((N, 8, 8, 3) uint8), ordered by their first member; single images are not groups. ``similar``: pairs whose
+    embeddings are close and their cosines (``cosine_pairs``), near copies when their perceptual hashes are within
+    ``EMBEDDING_PHASH_BITS``."""
+    cosine = {(int(a), int(b)): float(c) for (a, b), c in zip(*similar, strict=True)} if similar else {}
     pairs = np.unique(np.concatenate([candidate_pairs(phashes, near_bits),
-                                      candidate_pairs(ahashes, EXACT_SEARCH_BITS)]), axis=0)
+                                      candidate_pairs(ahashes, EXACT_SEARCH_BITS),
+                                      np.array(sorted(cosine), dtype=np.int64).reshape(-1, 2)]), axis=0)
     parent = list(range(len(phashes)))
 
     def root(i: int) -> int:
@@ -113,22 +153,22 @@ def find_groups(phashes: np.ndarray, ahashes: np.ndarray, thumbs: np.ndarray, ne
             i = parent[i]
         return i
 
-    matched: list[tuple[int, int, int, str]] = []
+    matched: list[tuple[int, int, int, str, float | None]] = []
     for a, b in pairs.tolist():
         bits = int(hamming(phashes[a:a + 1], phashes[b:b + 1])[0])
         level = float(np.abs(thumbs[a].astype(np.int16) - thumbs[b].astype(np.int16)).mean())
         kind = "exact" if level <= exact_level and bits <= EXACT_PHASH_BITS else "near"
-        if kind == "near" and bits > near_bits:
+        if kind == "near" and bits > near_bits and not ((a, b) in cosine and bits <= EMBEDDING_PHASH_BITS):
             continue
-        matched.append((a, b, bits, kind))
+        matched.append((a, b, bits, kind, cosine.get((a, b))))
         parent[root(a)] = root(b)
     by_root: dict[int, list[int]] = {}
     for i in range(len(phashes)):
         by_root.setdefault(root(i), []).append(i)
     groups = {r: Group(sorted(m), "exact") for r, m in by_root.items() if len(m) > 1}
-    for a, b, bits, kind in matched:
+    for a, b, bits, kind, cos in matched:
         group = groups[root(a)]
-        group.pairs.append((a, b, bits, kind))
+        group.pairs.append((a, b, bits, kind, cos))
         if kind == "near":
             group.kind = "near"
     return sorted(groups.values(), key=lambda g: g.members[0])
@@ -149,8 +189,9 @@ def describe(group: Group, rows: np.ndarray, splits: list[str], labels: dict[str
         "labels": {head: [values[m] for m in members] for head, values in labels.items()},
         "leakage": len({splits[m] for m in members}) > 1,
         "conflicts": conflicts,
-        "matches": [{"a": int(rows[a]), "b": int(rows[b]), "bits": bits, "kind": kind}
-                    for a, b, bits, kind in group.pairs],
+        "matches": [{"a": int(rows[a]), "b": int(rows[b]), "bits": bits, "kind": kind,
+                     **({"cosine": round(cos, 4)} if cos is not None else {})}
+                    for a, b, bits, kind, cos in group.pairs],
     }
 
 

@@ -3,7 +3,9 @@ copies filed under different labels (conflicts), as CSV, JSON and an HTML page w
 
 Each process hashes its own share of the rows (every ``world``-th) in DataLoader workers, with a progress bar;
 the main process gathers the hashes (a few bytes per image), groups the copies (``data.duplicates``) and writes
-the reports, so one and two processes give the same groups.
+the reports, so one and two processes give the same groups. With ``--cosine T`` (a run's model needed), each
+process also embeds its share with the run's best model, the main process gathers the embeddings and joins the
+pairs whose cosine reaches ``T`` as near copies (``data.duplicates.cosine_pairs``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crnn_art.data.duplicates import NEAR_BITS, describe, find_groups, image_key
+from crnn_art.data.duplicates import NEAR_BITS, cosine_pairs, describe, find_groups, image_key
 from crnn_art.errors import DataError
 from crnn_art.evaluation.review_page import SCRIPT, STYLE, review_bar, review_controls
 
@@ -91,9 +93,39 @@ def open_for_duplicates(checkpoint: str | None, source: str | None, overrides: l
     return cfg, run, opened, labels, splits
 
 
+@torch.no_grad()
+def _embed_share(checkpoint: str, run: Path, cfg, opened, labels, rows: list[int], acc, progress):
+    """This process's ``rows``, embedded (L2-normalised) by the run's model: ``(embeddings float16, rows)``."""
+    import functools
+
+    from torch.utils.data import DataLoader
+
+    from crnn_art.checkpoints import load_model_folder, resolve_model_folder
+    from crnn_art.data.build import split_dataset
+    from crnn_art.data.loaders import collate, worker_options
+    from crnn_art.data.transforms import eval_resize, eval_transform
+    from crnn_art.evaluation.outliers import embed_shard
+    from crnn_art.runtime import fit_to_cores
+
+    model = load_model_folder(resolve_model_folder(checkpoint).path).to(acc.device).eval()
+    dataset = split_dataset(opened, np.array(rows, dtype=np.int64), labels.labels,
+                            eval_transform(model.image_size, model.mean, model.std), eval_resize(model.image_size),
+                            run, "duplicates")
+    loader = DataLoader(dataset, batch_size=cfg.train.eval_batch_size,
+                        collate_fn=functools.partial(collate, keep_skipped=True),
+                        **worker_options(fit_to_cores(cfg.data.num_workers).workers))
+    z, _, _, ids = embed_shard(model, loader, acc.device, acc.autocast, tuple(model.class_names), progress)
+    return z.half().cpu().numpy(), ids.cpu().numpy()
+
+
 def find_duplicates(checkpoint: str | None = None, source: str | None = None, overrides: list[str] | None = None,
-                    output_dir: str | None = None, near_bits: int = NEAR_BITS) -> dict[str, Any]:
-    """The ``crnn-art duplicates`` command; returns the summary written to ``duplicates.json``."""
+                    output_dir: str | None = None, near_bits: int = NEAR_BITS,
+                    cosine: float | None = None) -> dict[str, Any]:
+    """The ``crnn-art duplicates`` command; returns the summary written to ``duplicates.json``.
+
+    ``cosine``: also join images whose embeddings (the run's model) reach this cosine; needs ``checkpoint``.
+    Raises ``DataError`` (one line) for bad arguments, a foreign checkpoint or a streamed source.
+    """
     from accelerate.utils import gather_object
 
     from crnn_art.console import make_console, make_progress
@@ -102,6 +134,10 @@ def find_duplicates(checkpoint: str | None = None, source: str | None = None, ov
 
     if not 0 <= near_bits <= 32:
         raise DataError(f"--near-bits {near_bits} is not allowed; use 0 to 32 of the 64 bits (default {NEAR_BITS})")
+    if cosine is not None and not 0.0 < cosine <= 1.0:
+        raise DataError(f"--cosine {cosine} is not allowed; give a cosine in (0, 1], e.g. 0.95")
+    if cosine is not None and checkpoint is None:
+        raise DataError("--cosine compares a trained model's embeddings: give --checkpoint RUN (not --source)")
     cfg, run, opened, labels, splits = open_for_duplicates(checkpoint, source, overrides or [])
     acc = make_accelerator("no")
     console = make_console(acc.is_main_process)
@@ -112,11 +148,15 @@ def find_duplicates(checkpoint: str | None = None, source: str | None = None, ov
     with make_progress(console, acc.is_main_process) as progress:
         keys = _hash_share(images, [int(rows[i]) for i in share], fit_to_cores(cfg.data.num_workers).workers,
                            progress)
+        embedded = [_embed_share(checkpoint, run, cfg, opened, labels, [int(rows[i]) for i in share], acc,
+                                 progress)] if cosine is not None else []
     keys = sorted(gather_object(keys))
+    embedded = gather_object(embedded)
     result: dict[str, Any] = {}
     if acc.is_main_process:
         out = Path(output_dir) if output_dir else (run / "duplicates" if run is not None else Path("duplicates"))
-        result = _report(keys, opened, labels, split_of, near_bits, out, console)
+        similar = _similar(keys, embedded, cosine, acc.device) if cosine is not None else None
+        result = _report(keys, opened, labels, split_of, near_bits, out, console, similar, cosine)
     acc.wait_for_everyone()
     return result
 
@@ -127,14 +167,25 @@ def _undecoded():
     return Image(decode=False)
 
 
-def _report(keys, opened, labels, split_of, near_bits: int, out: Path, console) -> dict[str, Any]:
+def _similar(keys, embedded, cosine: float, device) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (positions among the decodable images, as ``_report`` numbers them) whose embeddings reach
+    ``cosine``, and their cosines."""
+    good = np.array([k[0] for k in keys if k[4]], dtype=np.int64)
+    z = np.concatenate([e[0] for e in embedded]) if embedded else np.zeros((0, 1), dtype=np.float16)
+    ids = np.concatenate([e[1] for e in embedded]) if embedded else np.zeros(0, dtype=np.int64)
+    by_row = dict(zip(ids.tolist(), range(len(ids)), strict=True))
+    return cosine_pairs(z[[by_row[int(r)] for r in good]], cosine, device=str(device))
+
+
+def _report(keys, opened, labels, split_of, near_bits: int, out: Path, console, similar=None,
+            cosine: float | None = None) -> dict[str, Any]:
     from crnn_art.console import duplicates_table
 
     good = [k for k in keys if k[4]]
     rows = np.array([k[0] for k in good], dtype=np.int64)
     groups = find_groups(np.array([k[1] for k in good], dtype=np.uint64), np.array([k[2] for k in good],
                          dtype=np.uint64), np.stack([k[3] for k in good]) if good else np.zeros((0, 8, 8, 3)),
-                         near_bits=near_bits)
+                         near_bits=near_bits, similar=similar)
     paths = _paths(opened.dataset, rows)
     names = {head: [labels.class_names[head][v] if v >= 0 else None for v in labels.labels[rows, h].tolist()]
              for h, head in enumerate(labels.class_names)}
@@ -146,7 +197,7 @@ def _report(keys, opened, labels, split_of, near_bits: int, out: Path, console) 
                "conflicting_groups": sum(bool(g["conflicts"]) for g in described),
                "test_rows_with_a_copy_in_train": sum(
                    sum(s == "test" for s in g["splits"]) for g in described if "train" in g["splits"]),
-               "near_bits": near_bits}
+               "near_bits": near_bits, "cosine": cosine}
     out.mkdir(parents=True, exist_ok=True)
     (out / "duplicates.json").write_text(json.dumps({"summary": summary, "groups": described}, indent=2))
     _write_csv(out / "duplicates.csv", described, list(names))

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from crnn_art.data.duplicates import candidate_pairs, find_groups, hamming, image_key
+from crnn_art.data.duplicates import (
+    EMBEDDING_PHASH_BITS,
+    candidate_pairs,
+    cosine_pairs,
+    find_groups,
+    hamming,
+    image_key,
+)
 from tests.conftest import run_cli
 from tests.standins.odd_images import painting
 
@@ -75,6 +82,49 @@ def test_candidate_pairs_are_exactly_the_pairs_within_the_bits():
         i, j = np.triu_indices(len(hashes), k=1)
         close = hamming(hashes[i], hashes[j]) <= bits
         assert found == set(zip(i[close].tolist(), j[close].tolist(), strict=True))
+
+
+def test_cosine_pairs_are_exactly_the_pairs_at_or_above_the_threshold_in_any_blocks():
+    """Cosines of the centred embeddings, every pair at or above the threshold once, whatever the block size."""
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(300, 24)).astype(np.float32) + 3.0  # a shared direction, as pooled CNN features have
+    z[250:] = z[:50] + rng.normal(scale=0.2, size=(50, 24)).astype(np.float32)  # 50 near copies
+    centred = z - z.mean(axis=0)
+    unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    i, j = np.triu_indices(len(z), k=1)
+    sims = (unit[i] * unit[j]).sum(axis=1)
+    for threshold in (0.9, 0.97):
+        truth = {(a, b): c for a, b, c in zip(i.tolist(), j.tolist(), sims.tolist(), strict=True) if c >= threshold}
+        assert len(truth) >= 40
+        for block in (7, 64, 1024):
+            pairs, cosines = cosine_pairs(z, threshold, block=block)
+            found = dict(zip(map(tuple, pairs.tolist()), cosines.tolist(), strict=True))
+            assert found.keys() == truth.keys()
+            assert all(abs(found[k] - truth[k]) < 1e-5 for k in truth)
+
+
+def test_embedding_pairs_join_the_crops_a_perceptual_hash_misses_when_the_hash_confirms_loosely():
+    """Close embeddings propose, the perceptual hash confirms within EMBEDDING_PHASH_BITS: the crops that 8 bits
+    do not join become near copies (their cosine recorded); a proposed pair of two different paintings is not
+    joined; pairs the hashes already join keep their kind."""
+    images, truth = _planted()
+    kinds = ["exact"] * 12 + ["crop"] * 8 + ["colour"] * 8
+    keys = [image_key(im) for im in images]
+    hashes = (np.array([k[0] for k in keys], dtype=np.uint64), np.array([k[1] for k in keys], dtype=np.uint64),
+              np.stack([k[2] for k in keys]))
+    crops = [(a, b) for (a, b, _), k in zip(truth, kinds, strict=True) if k == "crop"]
+    exact = [(a, b) for (a, b, _), k in zip(truth, kinds, strict=True) if k == "exact"]
+    distinct = [(1, 2), (4, 5)]
+    proposed = crops + exact[:2] + distinct
+    similar = (np.array(proposed, dtype=np.int64), np.full(len(proposed), 0.97, dtype=np.float32))
+    groups = find_groups(*hashes, near_bits=8, similar=similar)
+    matches = {(a, b): (kind, cos) for g in groups for a, b, _, kind, cos in g.pairs}
+    bits = {pair: int(hamming(hashes[0][pair[0]:pair[0] + 1], hashes[0][pair[1]:pair[1] + 1])[0]) for pair in proposed}
+    confirmed = [pair for pair in crops if bits[pair] <= EMBEDDING_PHASH_BITS]
+    assert len(confirmed) >= 5 and all(matches[pair] == ("near", pytest.approx(0.97)) for pair in confirmed)
+    assert not any(pair in matches for pair in crops if pair not in confirmed)
+    assert all(bits[pair] > EMBEDDING_PHASH_BITS and pair not in matches for pair in distinct)
+    assert all(matches[pair][0] == "exact" for pair in exact)
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +257,28 @@ def test_evaluate_counts_test_copies_in_train_and_outliers_rank_conflicting_copi
         np.asarray(json.loads((run / "split.json").read_text())["train"]).tolist())
     assert in_train and set(flagged) == in_train  # every conflicting painting of the split, and only those
     assert [r["row"] for r in ranked[:len(flagged)]] == flagged  # ranked first
+
+    # with the run's model, embeddings join near copies too; one and two processes agree
+    common = ["duplicates", "--checkpoint", str(run), "--cosine", "0.1"]  # a 1-epoch model: copies reach ~0.2
+    run_cli([*common, "--output-dir", str(tmp_path / "cos1")])
+    run_cli([*common, "--output-dir", str(tmp_path / "cos2")], processes=2)
+    one, two = (json.loads((tmp_path / d / "duplicates.json").read_text()) for d in ("cos1", "cos2"))
+    assert one["summary"]["cosine"] == 0.1
+    assert [(g["rows"], g["kind"]) for g in one["groups"]] == [(g["rows"], g["kind"]) for g in two["groups"]]
+    by_embedding = [m for g in one["groups"] for m in g["matches"] if "cosine" in m]
+    assert by_embedding and all(m["cosine"] >= 0.1 for m in by_embedding)
+    joined = [set(g["rows"]) for g in one["groups"]]
+    assert all(any(set(g["rows"]) <= j for j in joined) for g in groups)  # the hashes' groups are still there
+
+
+def test_duplicates_refuses_a_bad_cosine_in_one_line(folder_with_copies):
+    from crnn_art.errors import DataError
+    from crnn_art.evaluation.duplicates import find_duplicates
+
+    with pytest.raises(DataError, match="--cosine compares a trained model's embeddings: give --checkpoint"):
+        find_duplicates(source=str(folder_with_copies), cosine=0.95)
+    with pytest.raises(DataError, match=r"--cosine 1.5 is not allowed; give a cosine in \(0, 1\]"):
+        find_duplicates(source=str(folder_with_copies), cosine=1.5)
 
 
 def _browser(downloads):
