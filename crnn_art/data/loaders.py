@@ -60,16 +60,25 @@ class PaintingDataset(Dataset):
         return load_sample(cell, self.labels[position], int(self.rows[position]), self.transform, self.min_side, seed)
 
 
+def blank_image(transform, side: int):
+    """A black ``side`` x ``side`` image through ``transform``, without touching torch's random state: what an
+    undecodable file becomes, so a batch of them still has the shape the model takes (a ViT needs its size)."""
+    from PIL import Image
+
+    with torch.random.fork_rng(devices=[]):
+        return transform(Image.new("RGB", (side, side)))
+
+
 def load_sample(cell: dict[str, Any], labels: torch.Tensor, row: int, transform, min_side: int | None,
                 seed: int | None) -> dict[str, Any]:
     """Decode one image cell (``{"bytes", "path"}``) and transform it, with torch's generator set to
-    ``seed`` if given; an undecodable file gives ``skipped=True``, no image and every label -1."""
+    ``seed`` if given; an undecodable file gives ``skipped=True``, a blank image and every label -1."""
     try:
         image = decode_image(cell, min_side)
     except DecodeError as exc:
         path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, str) else None
-        return {"image": None, "labels": torch.full_like(labels, -1), "row": row, "skipped": True,
-                "failed": (row, str(path or ""), str(exc))}
+        return {"image": blank_image(transform, min_side or 64), "labels": torch.full_like(labels, -1), "row": row,
+                "skipped": True, "failed": (row, str(path or ""), str(exc))}
     if seed is None:
         tensor = transform(image)
     else:
@@ -83,16 +92,8 @@ def collate(samples: list[dict[str, Any]], keep_skipped: bool) -> dict[str, Any]
     """Stack samples; ``skipped`` counts undecodable ones (dropped, or kept as unlabelled blanks) and
     ``failed`` lists them."""
     good = [s for s in samples if not s["skipped"]]
-    like = good[0]["image"] if good else None
     kept = samples if keep_skipped else good
-    images = []
-    for s in kept:
-        if s["image"] is None:
-            images.append(torch.zeros_like(like) if like is not None else None)
-        else:
-            images.append(s["image"])
-    if any(i is None for i in images):  # a whole evaluation batch of broken files: nothing to shape from
-        images = [torch.zeros(3, 1, 1)] * len(kept)
+    images = [s["image"] for s in kept]
     return {
         "image": torch.stack(images) if images else torch.zeros(0, 3, 1, 1),
         "labels": torch.stack([s["labels"] for s in kept]) if kept else torch.zeros(0, 1, dtype=torch.int64),

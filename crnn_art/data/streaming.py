@@ -212,11 +212,10 @@ def _identity(sample: Any) -> Any:
 def padding_sample(transform, image_size: int, heads: int) -> dict[str, Any]:
     """What fills a micro-batch of the epoch's last, smaller step that has no decoded image at all: a black image
     with every label unknown and row -1 (no loss, no count; the step keeps BatchNorm's statistics from it)."""
-    from PIL import Image
+    from crnn_art.data.loaders import blank_image
 
-    with torch.random.fork_rng(devices=[]):
-        image = transform(Image.new("RGB", (image_size, image_size)))
-    return {"image": image, "labels": torch.full((heads,), -1, dtype=torch.int64), "row": -1, "skipped": False}
+    return {"image": blank_image(transform, image_size), "labels": torch.full((heads,), -1, dtype=torch.int64),
+            "row": -1, "skipped": False}
 
 
 class StreamedBatches:

@@ -80,3 +80,22 @@ def test_max_bad_fraction_outside_0_1_is_a_config_error(value, capsys):
 
     assert main(["train", "--print-config", f"--set=data.max_bad_fraction={value}"]) == 2
     assert "data.max_bad_fraction" in capsys.readouterr().err
+
+
+def test_an_evaluation_batch_of_only_broken_files_keeps_the_model_input_shape():
+    """Evaluation keeps undecodable files as unlabelled blanks; a batch of nothing else still has the transform's
+    image size (a ViT or ConvNeXt would fail on anything else), and the random state is left alone."""
+    import torch
+
+    from crnn_art.data.loaders import collate, load_sample
+    from crnn_art.data.transforms import eval_transform
+
+    transform = eval_transform(48, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    broken = {"bytes": b"not an image at all", "path": "broken.jpg"}
+    before = torch.random.get_rng_state()
+    samples = [load_sample(broken, torch.tensor([2]), row, transform, 56, None) for row in (4, 9)]
+    assert torch.equal(torch.random.get_rng_state(), before)
+    batch = collate(samples, keep_skipped=True)
+    assert batch["image"].shape == (2, 3, 48, 48)
+    assert batch["labels"].tolist() == [[-1], [-1]] and int(batch["skipped"]) == 2
+    assert [f[:2] for f in batch["failed"]] == [(4, "broken.jpg"), (9, "broken.jpg")]
