@@ -206,6 +206,16 @@ def stem_parameters(trunk: nn.Module) -> list[nn.Parameter]:
     return trunk.stem_parameters()
 
 
+def frozen_stem_note(trunk: nn.Module, backbone: str) -> str | None:
+    """A warning when ``train.freeze_stem`` cannot apply: a timm backbone whose first stage has none of the names
+    crnn-art knows (DenseNet's ``features``, VGG, Inception). None when there is a stem to freeze."""
+    if stem_parameters(trunk):
+        return None
+    return (f"warning: train.freeze_stem: {backbone} has no first stage crnn-art can find (it looks for "
+            f"{', '.join(TIMM_STEM)}), so nothing is frozen and every layer trains from the first epoch; set "
+            "train.freeze_stem=false to say so and silence this")
+
+
 def stem_norms(trunk: nn.Module) -> list[nn.Module]:
     """The first stage's BatchNorm layers (kept in eval mode while it is frozen)."""
     modules = [trunk[1]] if isinstance(trunk, nn.Sequential) else trunk.stem_modules()

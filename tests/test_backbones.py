@@ -85,3 +85,13 @@ def test_pretrained_timm_weights_with_the_hub_unreachable_are_one_line_at_once(h
                                              "model.backbone_weights to a local file") as info:
         CRNNArtClassifier(heads={"style": 4}, backbone="timm:convnext_atto", backbone_weights="imagenet")
     assert "\n" not in str(info.value)
+
+
+def test_freeze_stem_warns_when_a_backbone_has_no_stem_it_can_find():
+    """DenseNet keeps its stem inside ``features``: train.freeze_stem would freeze nothing, and says so."""
+    from crnn_art.backbones import build_trunk, frozen_stem_note
+
+    assert frozen_stem_note(build_trunk("resnet50", None, 64), "resnet50") is None
+    assert frozen_stem_note(build_trunk("timm:mobilenetv3_small_050", None, 64), "timm:mobilenetv3_small_050") is None
+    note = frozen_stem_note(build_trunk("timm:densenet121", None, 64), "timm:densenet121")
+    assert note is not None and "timm:densenet121 has no first stage" in note and "train.freeze_stem=false" in note

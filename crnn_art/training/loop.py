@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import broadcast, broadcast_object_list, gather_object, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from crnn_art.backbones import backbone_problem, normalization
+from crnn_art.backbones import backbone_problem, frozen_stem_note, normalization
 from crnn_art.checkpoints import (
     CHECKPOINTS,
     HISTORY,
@@ -202,7 +202,8 @@ def _train(cfg: RunConfig, out: Path, accelerator, resume_from: Path | None) -> 
         saved_by = load_checkpoint(accelerator, resume_from, state, scheduler, ema)
         console.print(resumed_line(resume_from, state, saved_by, accelerator.num_processes))
     begin_run(accelerator, cfg, out, state, resume_from is not None)
-    for line in [*data.notes, start_line(cfg, data, accelerator, cpu)]:
+    stem = frozen_stem_note(raw_model.trunk, cfg.model.backbone) if t.freeze_stem else None
+    for line in [*data.notes, *([stem] if stem else []), start_line(cfg, data, accelerator, cpu)]:
         console.print(line)
 
     # ---- epochs: step, log, checkpoint, evaluate, record ------------------------------------------
