@@ -23,7 +23,7 @@ import torch
 
 from crnn_art.data.duplicates import NEAR_BITS, cosine_pairs, describe, find_groups, image_key
 from crnn_art.errors import DataError
-from crnn_art.evaluation.review_page import SCRIPT, STYLE, review_bar, review_controls
+from crnn_art.evaluation.review_page import SCRIPT, STYLE, review_bar, review_body, review_controls
 
 THUMB_SIDE = 160
 """Pixels of the longer side of each copy on the HTML page."""
@@ -263,5 +263,5 @@ def _write_html(path: Path, groups: list[dict[str, Any]], dataset, class_names: 
         "body{font-family:sans-serif} section{border:1px solid #ccc;margin:8px;padding:8px}"
         ".leakage{border-color:#d80} .conflict{background:#fee} figure{display:inline-block;margin:4px;"
         "max-width:260px;vertical-align:top;word-break:break-all}" + STYLE + "</style>"
-        f"<body data-page='{html.escape(str(path.resolve()))}'>" + review_bar()
+        + review_body(path, "".join(cards)) + review_bar()
         + f"<h1>{len(groups)} groups of copies</h1>" + "".join(cards) + SCRIPT)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from crnn_art.data.duplicates import copies_file, read_groups
-from crnn_art.evaluation.review_page import SCRIPT, STYLE, review_bar, review_controls
+from crnn_art.evaluation.review_page import SCRIPT, STYLE, review_bar, review_body, review_controls
 
 SELECT_MODES = ("top", "threshold", "zscore")
 KNN_K = 10
@@ -455,7 +455,7 @@ def _write_html(path: Path, selected: list[Scored], model, dataset, rows: np.nda
         "border:1px solid #ccc;font-size:12px;vertical-align:top;overflow-wrap:anywhere;word-break:break-word}"
         ".imgs img{width:150px;height:150px;object-fit:contain;margin-right:2px;image-rendering:auto}"
         ".large{max-width:100%}.file{color:#555}" + STYLE + "</style>"
-        f"<body data-page='{html.escape(str(path.resolve()))}'>" + review_bar() +
+        + review_body(path, "".join(cards)) + review_bar() +
         f"<h1>Paintings whose label does not fit — {html.escape(split)} split</h1>"
         "<p>Left: the whole painting (open 'larger', or its file); right: the part the model sees, with its "
         "row x column attention. Ranked by score = (1 - own-centroid similarity) - margin + (1 - p(given label)) "

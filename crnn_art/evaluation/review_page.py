@@ -1,5 +1,6 @@
 """The review controls of the outliers and duplicates pages: keep / relabel as ... / drop per painting, kept in the
-browser while reviewing (``localStorage``, per page) and exported as the ``decisions.csv`` that
+browser while reviewing (``localStorage``, per page and content: a page written again with other paintings or
+labels starts empty, the same page reopened keeps them) and exported as the ``decisions.csv`` that
 ``data.label_overrides`` reads (``row, path, head, decision, new_label``). Static HTML and a little JavaScript,
 nothing fetched: the page works offline, straight from disk.
 """
@@ -30,6 +31,7 @@ SCRIPT = """<script>
   function save() { localStorage.setItem(key, JSON.stringify(decisions)); render(); }
   document.querySelectorAll('.review').forEach(el => {
     const decide = decision => {
+      if (decision === 'relabel' && !el.querySelector('select').value) return;  // no class chosen yet
       decisions[el.dataset.row + '/' + el.dataset.head] = {row: el.dataset.row, path: el.dataset.path,
         head: el.dataset.head, decision: decision,
         new_label: decision === 'relabel' ? el.querySelector('select').value : ''};
@@ -56,6 +58,15 @@ SCRIPT = """<script>
 </script>"""
 
 
+def review_body(path, content: str) -> str:
+    """The page's ``<body>`` tag, naming where decisions are kept: the page's path and a digest of its content."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256(content.encode()).hexdigest()[:16]
+    return f"<body data-page='{html.escape(str(Path(path).resolve()))}#{digest}'>"
+
+
 def review_bar() -> str:
     """The bar at the top of a page: how many decisions, export, clear."""
     return ("<div id='reviewbar'><b><span id='reviewcount'>0</span></b> decisions (kept in this browser) "
@@ -64,9 +75,12 @@ def review_bar() -> str:
 
 
 def review_controls(row: int, head: str, path: str, names: list[str], given: str, suggested: str) -> str:
-    """keep / relabel as [class] / drop for one painting's label of one head."""
+    """keep / relabel as [class] / drop for one painting's label of one head; the list starts at ``suggested``
+    (or at "choose a class" when that is the given label itself)."""
     options = "".join(f"<option{' selected' if n == suggested else ''}>{html.escape(n)}</option>"
                       for n in names if n != given)
+    if suggested == given:  # no other label to suggest (the model agrees with the given one): make the user pick
+        options = "<option value='' selected disabled>choose a class</option>" + options
     return (f"<div class='review' data-row='{row}' data-head='{html.escape(head)}' data-path='{html.escape(path)}'>"
             "<button class='keep' data-decision='keep'>keep</button>"
             "<button class='relabel' data-decision='relabel'>relabel as</button>"

@@ -301,7 +301,8 @@ def _browser(downloads):
 
 def test_the_review_page_writes_the_decisions_that_the_next_run_reads(folder_with_copies, tmp_path):
     """In a real (headless) browser, offline: open duplicates.html, relabel one copy of the conflicting pair, drop
-    one, keep one; reload (the decisions stay); export decisions.csv; it is what data.label_overrides reads."""
+    one, keep one; reload (the decisions stay); export decisions.csv; it is what data.label_overrides reads. A page
+    written again with other content starts empty, and the same content brings the decisions back."""
     import time
 
     from selenium.webdriver.common.by import By
@@ -310,7 +311,8 @@ def test_the_review_page_writes_the_decisions_that_the_next_run_reads(folder_wit
     from crnn_art.config import resolve_config
     from crnn_art.data.sources import open_source, task_labels
 
-    run_cli(["duplicates", "--source", str(folder_with_copies), "--output-dir", str(tmp_path / "dups")])
+    command = ["duplicates", "--source", str(folder_with_copies), "--output-dir", str(tmp_path / "dups")]
+    run_cli(command)
     groups = json.loads((tmp_path / "dups" / "duplicates.json").read_text())["groups"]
     conflict = next(g for g in groups if g["conflicts"])
     other = next(g for g in groups if not g["conflicts"])
@@ -329,6 +331,10 @@ def test_the_review_page_writes_the_decisions_that_the_next_run_reads(folder_wit
         first.find_element(By.CSS_SELECTOR, "button.relabel").click()
         controls(conflict["rows"][1]).find_element(By.CSS_SELECTOR, "button.keep").click()
         controls(other["rows"][1]).find_element(By.CSS_SELECTOR, "button.drop").click()
+        # copies with one label: nothing to suggest, so "relabel as" waits for a class to be chosen
+        unsure = controls(other["rows"][0])
+        assert Select(unsure.find_element(By.TAG_NAME, "select")).first_selected_option.text == "choose a class"
+        unsure.find_element(By.CSS_SELECTOR, "button.relabel").click()
         browser.refresh()  # kept in the browser while reviewing
         assert browser.find_element(By.ID, "reviewcount").text == "3"
         assert controls(other["rows"][1]).get_attribute("data-decision") == "drop"
@@ -337,6 +343,13 @@ def test_the_review_page_writes_the_decisions_that_the_next_run_reads(folder_wit
             if (downloads / "decisions.csv").is_file():
                 break
             time.sleep(0.1)
+        # the page written again with other copies starts empty; written again as it was, the decisions are back
+        run_cli([*command, "--near-bits", "32"])
+        browser.refresh()
+        assert browser.find_element(By.ID, "reviewcount").text == "0"
+        run_cli(command)
+        browser.refresh()
+        assert browser.find_element(By.ID, "reviewcount").text == "3"
     finally:
         browser.quit()
     exported = (downloads / "decisions.csv").read_text().splitlines()
