@@ -6,7 +6,8 @@ writes its own shard, ``<split>-<rank>-of-<world>.parquet``, sorted by row: noth
 processes. ``datasets.load_dataset("parquet", data_dir=FOLDER)`` gives one ``Dataset`` per split (the file
 names say which); ``data_files="FOLDER/*.parquet"`` gives them all as one. Columns: ``row`` (the row id in
 the run's source), ``split``,
-``path`` (as the source records it, '' where it holds only bytes), per head ``<head>_label`` (the given label's
+``path`` (as the source records it, '' where it holds only bytes), ``decoded`` (False where the image could not be
+decoded: its row holds a blank image's embedding and no labels), per head ``<head>_label`` (the given label's
 name, null where unknown), ``<head>_predicted`` and ``<head>_confidence`` (softmax probability of the prediction),
 and ``embedding`` (float32, the model's pooled embedding before dropout: 3,072 for ResNet-50, the backbone's
 channels + 4 x gru_hidden in general).
@@ -80,10 +81,13 @@ def _embed_shard(run, split: str, batch_size: int, progress) -> Any:
                         collate_fn=functools.partial(collate, keep_skipped=True),
                         **worker_options(fit_to_cores(run.cfg.data.num_workers).workers))
     heads = tuple(model.class_names)
-    z, logits, labels, rows = embed_shard(model, loader, acc.device, acc.autocast, heads, progress, normalize=False)
+    failed: list[int] = []
+    z, logits, labels, rows = embed_shard(model, loader, acc.device, acc.autocast, heads, progress, normalize=False,
+                                          failed=failed)
     paths = dataset.paths()
     columns: dict[str, Any] = {"row": rows.cpu().numpy(), "split": [split] * len(positions),
-                               "path": [paths[p] for p in positions]}
+                               "path": [paths[p] for p in positions],
+                               "decoded": ~np.isin(rows.cpu().numpy(), np.array(failed, dtype=np.int64))}
     label_ids = labels.cpu().numpy()
     for i, (head, names) in enumerate(model.class_names.items()):
         p = logits[head].softmax(dim=1).cpu()
@@ -98,7 +102,7 @@ def _features(model):
     """Fixed column types, so that every shard (an empty one, one whose labels are all unknown) reads as one table."""
     from datasets import Features, Sequence, Value
 
-    columns = {"row": Value("int64"), "split": Value("string"), "path": Value("string")}
+    columns = {"row": Value("int64"), "split": Value("string"), "path": Value("string"), "decoded": Value("bool")}
     for head in model.class_names:
         columns.update({f"{head}_label": Value("string"), f"{head}_predicted": Value("string"),
                         f"{head}_confidence": Value("float32")})

@@ -274,14 +274,18 @@ def quality(scored: list[Scored], wrong_rows: set[int]) -> dict[str, dict[str, f
 
 
 @torch.no_grad()
-def embed_shard(model, loader, device, autocast, heads: tuple[str, ...], progress=None, normalize: bool = True):
+def embed_shard(model, loader, device, autocast, heads: tuple[str, ...], progress=None, normalize: bool = True,
+                failed: list[int] | None = None):
     """This process's embeddings (L2-normalised unless ``normalize=False``), logits, labels and row ids
-    (``progress``: a bar to advance)."""
+    (``progress``: a bar to advance; ``failed``: a list that gets the row ids of undecodable images, whose rows
+    hold a blank image's embedding)."""
     zs, logits, labels, rows = [], {h: [] for h in heads}, [], []
     task = progress.add_task("embed", total=len(loader), status="") if progress is not None else None
     for batch in loader:
         if task is not None:
             progress.advance(task)
+        if failed is not None:
+            failed += [int(f[0]) for f in batch["failed"]]
         with autocast():
             out = model(batch["image"].to(device))
         zs.append(F.normalize(out.embedding.float(), dim=1) if normalize else out.embedding.float())

@@ -72,6 +72,15 @@ def test_too_many_broken_files_stop_with_one_line_and_the_run_resumes(tmp_path):
     resumed = run_cli([*args, "--set=data.max_bad_fraction=1", "--resume", "latest"], check=False)
     assert resumed.returncode == 0, resumed.stderr
     assert [h["epoch"] for h in read_history(run)] == [1]
+    # `embed` keeps a row for every painting of the split and marks the ones that could not be decoded
+    from datasets import load_dataset
+
+    run_cli(["embed", "--checkpoint", str(run), "--split", "validation", "--output-dir", str(tmp_path / "emb")])
+    table = load_dataset("parquet", data_dir=str(tmp_path / "emb"), split="validation")
+    broken = [Path(p).name.startswith("broken-") for p in table["path"]]
+    assert any(broken) and not all(broken)
+    assert table["decoded"] == [not b for b in broken]
+    assert all(label is None for label, b in zip(table["style_label"], broken, strict=True) if b)
 
 
 @pytest.mark.parametrize("value", ["-0.1", "1.5", "nan"])

@@ -82,8 +82,9 @@ def test_embeddings_of_every_split_are_the_same_table_on_one_and_two_processes(t
     one = load_dataset("parquet", data_files=str(tmp_path / "one" / "*.parquet"), split="train").sort("row")
     assert sorted(one["row"]) == sorted(np.concatenate([splits[s] for s in ("train", "validation", "test")]).tolist())
     assert len(set(one["row"])) == len(one) and len(one[0]["embedding"]) == 3072
-    assert set(one.column_names) == {"row", "split", "path", "style_label", "style_predicted", "style_confidence",
-                                     "embedding"}
+    assert set(one.column_names) == {"row", "split", "path", "decoded", "style_label", "style_predicted",
+                                     "style_confidence", "embedding"}
+    assert all(one["decoded"])
     assert sorted(r for r, s in zip(one["row"], one["split"], strict=True) if s == "test") == sorted(splits["test"])
     assert len(list((tmp_path / "two").glob("test-*-of-00002.parquet"))) == 2
     two = load_dataset("parquet", data_dir=str(tmp_path / "two"), split="test").sort("row")
