@@ -13,7 +13,15 @@ import torch
 from crnn_art.config import RunConfig, config_text
 from crnn_art.data.loaders import DrawnBatches, PaintingDataset
 from crnn_art.data.sampling import GlobalDrawBatchSampler, balanced_weights, local_batch_size
-from crnn_art.data.sources import TaskLabels, make_splits, open_source, split_keys, task_labels, write_splits
+from crnn_art.data.sources import (
+    TaskLabels,
+    check_overrides_unchanged,
+    make_splits,
+    open_source,
+    split_keys,
+    task_labels,
+    write_splits,
+)
 from crnn_art.data.streaming import balanced_class_weights, materialize_split, streamed_batches
 from crnn_art.data.transforms import (
     IMAGENET_MEAN,
@@ -71,6 +79,8 @@ def build_train_data(cfg: RunConfig, accelerator, out: Path, write_run_files: bo
     process's training batches. ``normalization``: the backbone's input mean and std. Raises ``DataError`` for data
     the run cannot use."""
     t, size = cfg.train, cfg.data.image_size
+    if not write_run_files and (out / "split.json").is_file():  # a resume reads the labels it was trained on
+        check_overrides_unchanged(out, cfg.data)
     with accelerator.local_main_process_first():  # one process per machine generates/downloads first
         opened = open_source(cfg.data)
     labels = task_labels(opened.dataset, cfg.heads, cfg.data)

@@ -436,13 +436,29 @@ def write_splits(splits: dict[str, np.ndarray], path: str | Path, cfg: DataConfi
     """``split.json``: the row ids of each split and what they were drawn from (replaced whole, never half-written)."""
     payload = {
         "source": cfg.source, "revision": cfg.revision, "split_seed": cfg.split_seed, "split_by": cfg.split_by,
-        "duplicates": cfg.duplicates,
+        "duplicates": cfg.duplicates, "label_overrides_sha256": file_sha256(cfg.label_overrides),
         # judged where the run was started (a relative local path exists only there), for the model card
         "hub_dataset": cfg.source not in ("demo", "artgan") and not Path(cfg.source).expanduser().exists(),
         "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
         **{name: splits[name].tolist() for name in SPLITS},
     }
     atomic_write_text(Path(path), json.dumps(payload), "the split")
+
+
+def file_sha256(path: str | Path | None) -> str | None:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
+
+
+def check_overrides_unchanged(run_dir: str | Path, cfg: DataConfig) -> None:
+    """Raise ``DataError`` (one line) when the run's ``data.label_overrides`` file is not the one it was trained
+    with: its labels would no longer be the ones the model learnt from and is measured against. Runs from before
+    the hash was recorded are not checked."""
+    recorded = json.loads((Path(run_dir) / "split.json").read_text()).get("label_overrides_sha256")
+    if cfg.label_overrides and recorded and file_sha256(cfg.label_overrides) != recorded:
+        raise DataError(f"data.label_overrides {cfg.label_overrides!r} changed since {run_dir} was trained with it, so "
+                        "its labels are not the run's; put the original back, or train a new run with the edited file")
 
 
 def read_splits(path: str | Path) -> dict[str, np.ndarray]:

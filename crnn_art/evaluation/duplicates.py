@@ -72,7 +72,14 @@ def _hash_share(images, positions: list[int], workers: int, progress) -> list[tu
 def open_for_duplicates(checkpoint: str | None, source: str | None, overrides: list[str]):
     """The run's (``--checkpoint``) or a source's data: config, opened source, labels and every row's split."""
     from crnn_art.config import load_run_config, resolve_config
-    from crnn_art.data.sources import make_splits, open_source, read_splits, split_keys, task_labels
+    from crnn_art.data.sources import (
+        check_overrides_unchanged,
+        make_splits,
+        open_source,
+        read_splits,
+        split_keys,
+        task_labels,
+    )
 
     if (checkpoint is None) == (source is None):
         raise DataError("give --checkpoint RUN (its data and splits) or --source SOURCE, not both or neither")
@@ -82,6 +89,7 @@ def open_for_duplicates(checkpoint: str | None, source: str | None, overrides: l
         if not (run / "config.yaml").is_file():
             raise DataError(f"{checkpoint} is not a run folder (no config.yaml); pass the run or use --source")
         cfg = load_run_config(run / "config.yaml")
+        check_overrides_unchanged(run, cfg.data)
     else:
         run, cfg = None, resolve_config(None, None, [f"data.source={source}", *overrides])
     if cfg.data.streaming:

@@ -68,7 +68,7 @@ def open_run_split(checkpoint: str, split: str) -> RunSplit:
     from crnn_art.config import load_run_config
     from crnn_art.data.build import STREAMED, split_dataset
     from crnn_art.data.schema import SPLITS
-    from crnn_art.data.sources import open_source, read_splits, task_labels
+    from crnn_art.data.sources import check_overrides_unchanged, open_source, read_splits, task_labels
     from crnn_art.data.transforms import eval_resize, eval_transform
     from crnn_art.errors import DataError, ModelLoadError
     from crnn_art.runtime import make_accelerator
@@ -82,6 +82,7 @@ def open_run_split(checkpoint: str, split: str) -> RunSplit:
                              "(its config.yaml and split.json); pass the run folder")
     cfg = load_run_config(run_dir / "config.yaml")
     rows = read_splits(run_dir / "split.json")[split]
+    check_overrides_unchanged(run_dir, cfg.data)
     if len(rows) == 0:
         raise DataError(f"the run's {split} split is empty; pick another split")
     model = load_model_folder(folder)

@@ -205,3 +205,26 @@ def test_label_overrides_relabel_and_drop_by_row_and_refuse_what_does_not_fit(tm
         assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="data.label_overrides"):
         resolve_config(None, None, [*base, f"data.label_overrides={tmp_path / 'missing.csv'}"])
+
+
+def test_a_run_trained_with_label_overrides_says_so_and_refuses_an_edited_file(tmp_path, demo_dir):
+    """The card counts what the review changed; a decisions file edited after training would silently give
+    evaluate, outliers and a resume other labels than the run's, so each refuses it in one line (nothing lost)."""
+    from tests.conftest import run_cli, tiny_overrides
+
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text("row,path,head,decision,new_label\n3,,style,drop,\n7,,style,drop,\n")
+    run = tmp_path / "run"
+    args = ["train", "--output-dir", str(run), *tiny_overrides(demo_dir, train__max_steps=2),
+            f"--set=data.label_overrides={decisions}"]
+    run_cli(args)
+    assert "0 labels relabelled and 2 labels dropped by review" in " ".join(
+        (run / "last" / "README.md").read_text().split())
+    decisions.write_text("row,path,head,decision,new_label\n3,,style,drop,\n")
+    for command in (["evaluate", "--checkpoint", str(run), "--split", "test"],
+                    ["outliers", "--checkpoint", str(run), "--split", "train"],
+                    [*args, "--set=train.max_steps=4", "--resume", "latest"]):
+        result = run_cli(command, check=False)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "changed since" in result.stderr and "put the original back" in result.stderr
+    assert (run / "last" / "model.safetensors").is_file() and len(read_history(run)) == 1
