@@ -402,6 +402,55 @@ def bench_backbones(backbones: list[str], device: str, size: int, batch: int, st
     return [{"name": name, **bench_training(dev, size, batch, steps, precision, True, name)} for name in backbones]
 
 
+def _wikiart_like_hashes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Perceptual and average hashes and thumbnails shaped like a large collection: 90 % unrelated paintings,
+    8 % near-blank sketches (average hashes of a few bits, perceptual hashes from 20 patterns: the crowded buckets
+    real collections have), 2 % copies (up to 6 bits off another image). Returns the planted copy count too."""
+    rng = np.random.default_rng(seed)
+    phash, ahash = (rng.integers(0, np.iinfo(np.uint64).max, n, dtype=np.uint64, endpoint=True) for _ in range(2))
+    sketches = rng.choice(n, int(0.08 * n), replace=False)
+    ahash[sketches] = rng.integers(0, 16, len(sketches)).astype(np.uint64)
+    patterns = rng.integers(0, np.iinfo(np.uint64).max, 20, dtype=np.uint64, endpoint=True)
+    phash[sketches] = patterns[rng.integers(0, 20, len(sketches))] ^ _random_bits(rng, len(sketches), 12)
+    copies = np.setdiff1d(np.arange(n), sketches)[: int(0.02 * n)]
+    originals = rng.choice(np.setdiff1d(np.arange(n), np.r_[sketches, copies]), len(copies), replace=False)
+    phash[copies] = phash[originals] ^ _random_bits(rng, len(copies), 6)
+    ahash[copies] = ahash[originals] ^ _random_bits(rng, len(copies), 4)
+    thumbs = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    thumbs[copies] = thumbs[originals]
+    return phash, ahash, thumbs, len(copies)
+
+
+def _random_bits(rng: np.random.Generator, n: int, most: int) -> np.ndarray:
+    """``n`` masks of up to ``most`` random bits each."""
+    masks = np.zeros(n, dtype=np.uint64)
+    for _ in range(most):
+        masks |= np.where(rng.random(n) < 0.5, np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64), np.uint64(0))
+    return masks
+
+
+def bench_duplicates(n: int = 81_444, embedded: int = 8_000, dim: int = 3072, device: str = "cpu") -> dict[str, Any]:
+    """``crnn-art duplicates`` past the decoding: grouping ``n`` images by their hashes (multi-index hashing, no
+    all-pairs loop) on a WikiArt-sized synthetic set, and the exact cosine search of ``--cosine`` on ``embedded``
+    random embeddings, with its time scaled to ``n`` (it grows with the square)."""
+    from crnn_art.data.duplicates import cosine_pairs, find_groups
+
+    phash, ahash, thumbs, planted = _wikiart_like_hashes(n)
+    cpu = torch.device("cpu")
+    _reset_peak(cpu)
+    start = time.perf_counter()
+    groups = find_groups(phash, ahash, thumbs)
+    hashing = time.perf_counter() - start
+    found = sum(len(g.members) for g in groups)
+    z = torch.randn(embedded, dim, generator=torch.Generator().manual_seed(0)).numpy()
+    start = time.perf_counter()
+    cosine_pairs(z, 0.95, device=device)
+    cosine = time.perf_counter() - start
+    return {"images": n, "planted_copies": planted, "groups": len(groups), "images_in_groups": found,
+            "group_seconds": hashing, "peak_mb": _peak_mb(cpu), "embedded": embedded, "dim": dim,
+            "cosine_seconds": cosine, "cosine_seconds_at_images": cosine * (n / embedded) ** 2, "device": device}
+
+
 STREAM_SIZES = ((8, 8), (16, 4), (32, 2), (64, 2), (64, 16), (256, 2), (256, 16))
 """(processes, local batch) planned by ``bench_streaming_plan``: one node to a large cluster."""
 

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only the CRNN's train step on these backbones (resnet50, timm:NAME) vs each bare backbone")
     be.add_argument("--streaming-plan", action="store_true",
                     help="only the streaming partition at 8-256 processes (no model, no I/O; seconds)")
+    be.add_argument("--duplicates", action="store_true",
+                    help="only `duplicates` past decoding: grouping 81,444 WikiArt-like hashes, and the --cosine "
+                         "search (on --device), timed on 8,000 embeddings and scaled to 81,444")
 
     ex = sub.add_parser("explain", help="attention maps (row x column) over paintings, as PNGs")
     ex.add_argument("--checkpoint", required=True, help="a run folder, or its best/ or last/ folder")
@@ -325,9 +328,10 @@ def _export_command(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     import json
 
-    from crnn_art.bench import bench_backbones, bench_streaming_plan, run_bench
+    from crnn_art.bench import bench_backbones, bench_duplicates, bench_streaming_plan, run_bench
     from crnn_art.console import (
         backbone_table,
+        duplicates_bench_table,
         make_console,
         make_progress,
         print_bench_report,
@@ -340,6 +344,10 @@ def _bench(args: argparse.Namespace) -> None:
             backbone_table(rows, args.image_size, args.batch[0]))
         return
 
+    if args.duplicates:
+        figures = bench_duplicates(device=args.device)
+        print(json.dumps(figures, indent=2)) if args.json else make_console().print(duplicates_bench_table(figures))
+        return
     if args.streaming_plan:
         plans = bench_streaming_plan()
         print(json.dumps(plans, indent=2)) if args.json else make_console().print(streaming_plan_table(plans))

@@ -139,6 +139,22 @@ def duplicates_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def duplicates_bench_table(f: dict[str, Any]) -> Table:
+    """``crnn-art bench --duplicates``: grouping by hashes at WikiArt size, and the embeddings' cosine search."""
+    table = Table(title=f"duplicates past decoding, {f['images']:,} WikiArt-like images")
+    table.add_column("what")
+    table.add_column("figure", justify="right")
+    for what, value in (
+            ("group by hashes (s)", f"{f['group_seconds']:.1f}"),
+            ("peak resident memory (MB)", f"{f['peak_mb']:,.0f}"),
+            ("groups / images in them", f"{f['groups']:,} / {f['images_in_groups']:,}"),
+            ("planted copies", f"{f['planted_copies']:,}"),
+            (f"--cosine on {f['embedded']:,} x {f['dim']:,} ({f['device']}, s)", f"{f['cosine_seconds']:.1f}"),
+            (f"--cosine scaled to {f['images']:,} (s)", f"{f['cosine_seconds_at_images']:,.0f}")):
+        table.add_row(what, value)
+    return table
+
+
 def backbone_table(rows: list[dict[str, Any]], size: int, batch: int) -> Table:
     """``crnn-art bench --backbone``: the CRNN on each backbone against the bare backbone."""
     table = Table(title=f"CRNN vs bare backbone, train step, {size} px, batch {batch}")

@@ -23,7 +23,8 @@ figures). The price is comparing every pair of embeddings (in blocks, as matrix 
 
 Candidate pairs come from multi-index hashing, not from all pairs: split a hash into ``t + 1`` chunks; two
 hashes within ``t`` bits agree exactly on at least one chunk (pigeonhole), so only images that share a chunk
-value are compared. Copies are joined into groups (union-find).
+value are compared; the candidates are checked in vectorised chunks. Copies are joined into groups (connected
+components).
 """
 
 from __future__ import annotations
@@ -71,29 +72,49 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return sum(_POPCOUNT16[(x >> np.uint64(s)) & np.uint64(0xFFFF)].astype(np.int64) for s in (0, 16, 32, 48))
 
 
-def candidate_pairs(hashes: np.ndarray, near_bits: int) -> np.ndarray:
-    """Index pairs ``(i, j)``, ``i < j``, whose hashes differ in at most ``near_bits`` bits (each once)."""
-    n = len(hashes)
-    chunks = near_bits + 1
-    bounds = np.linspace(0, 64, chunks + 1).astype(int)
+def _close_in_bucket(members: np.ndarray, hashes: np.ndarray, near_bits: int, limit: int) -> np.ndarray:
+    """Pairs of one bucket's members within ``near_bits``, as keys ``i * n + j`` (``i < j``), compared in blocks of
+    rows so that at most about ``limit`` pairs are in memory at once (a bucket of 20,000 near-blank images would
+    otherwise hold 2e8)."""
+    m, n = len(members), np.int64(len(hashes))
+    if m * (m - 1) // 2 <= limit:
+        i, j = np.triu_indices(m, k=1)
+        blocks = [(members[i], members[j])]
+    else:
+        step = max(1, limit // m)
+        rows = [np.arange(lo, min(lo + step, m - 1)) for lo in range(0, m - 1, step)]
+        blocks = ((np.repeat(members[i], m - 1 - i), members[np.concatenate([np.arange(k + 1, m) for k in i])])
+                  for i in rows)
     found = []
+    for a, b in blocks:
+        close = hamming(hashes[a], hashes[b]) <= near_bits
+        found.append(np.minimum(a, b)[close].astype(np.int64) * n + np.maximum(a, b)[close])
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def _pair_keys(hashes: np.ndarray, near_bits: int, limit: int) -> np.ndarray:
+    """Sorted unique keys ``i * n + j`` of the pairs within ``near_bits`` (see ``candidate_pairs``)."""
+    n = len(hashes)
+    bounds = np.linspace(0, 64, near_bits + 2).astype(int)
+    keys = np.zeros(0, dtype=np.int64)
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         part = (hashes >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
         order = np.argsort(part, kind="stable")
         values = part[order]
         starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
         ends = np.r_[starts[1:], n]
-        for s, e in zip(starts, ends, strict=True):
-            if e - s < 2:
-                continue
-            members = order[s:e]
-            i, j = np.triu_indices(len(members), k=1)
-            a, b = members[i], members[j]
-            close = hamming(hashes[a], hashes[b]) <= near_bits
-            found.append(np.stack([np.minimum(a, b)[close], np.maximum(a, b)[close]], axis=1))
-    if not found:
-        return np.zeros((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(found), axis=0)
+        found = [_close_in_bucket(order[s:e], hashes, near_bits, limit) for s, e in zip(starts, ends, strict=True)
+                 if e - s > 1]
+        if found:  # merged chunk by chunk: a pair shared by several chunks is kept once, never piled up
+            keys = np.union1d(keys, np.concatenate(found))
+    return keys
+
+
+def candidate_pairs(hashes: np.ndarray, near_bits: int, limit: int = 1 << 22) -> np.ndarray:
+    """Index pairs ``(i, j)``, ``i < j``, whose hashes differ in at most ``near_bits`` bits, each once, sorted;
+    ``limit``: about how many pairs are compared at once."""
+    keys = _pair_keys(hashes, near_bits, limit)
+    return np.stack([keys // len(hashes), keys % len(hashes)], axis=1) if len(keys) else np.zeros((0, 2), np.int64)
 
 
 @dataclass
@@ -134,42 +155,56 @@ def cosine_pairs(z: np.ndarray, threshold: float, block: int = 1024,
     return torch.cat(found).numpy().astype(np.int64), torch.cat(values).numpy()
 
 
+def _matches(pairs: np.ndarray, phashes: np.ndarray, thumbs: np.ndarray, near_bits: int, exact_level: float,
+             cosine: dict[tuple[int, int], float], chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """Which candidate ``pairs`` are copies, checked a chunk at a time: ``(K,)`` codes 0 (not a copy), 1 (near),
+    2 (exact), and the pairs' perceptual-hash bits."""
+    codes, bits = np.zeros(len(pairs), dtype=np.int8), np.zeros(len(pairs), dtype=np.int64)
+    proposed = np.array(sorted(a * len(phashes) + b for a, b in cosine), dtype=np.int64)
+    for lo in range(0, len(pairs), chunk):
+        a, b = pairs[lo:lo + chunk, 0], pairs[lo:lo + chunk, 1]
+        d = hamming(phashes[a], phashes[b])
+        level = np.full(len(a), np.inf)
+        maybe = np.flatnonzero(d <= EXACT_PHASH_BITS)  # thumbnails only where the hash allows an exact copy
+        level[maybe] = np.abs(thumbs[a[maybe]].astype(np.int16)
+                              - thumbs[b[maybe]].astype(np.int16)).mean(axis=(1, 2, 3))
+        exact = (level <= exact_level) & (d <= EXACT_PHASH_BITS)
+        near = (d <= near_bits) | (np.isin(a * len(phashes) + b, proposed) & (d <= EMBEDDING_PHASH_BITS))
+        codes[lo:lo + chunk] = np.where(exact, 2, np.where(near, 1, 0))
+        bits[lo:lo + chunk] = d
+    return codes, bits
+
+
 def find_groups(phashes: np.ndarray, ahashes: np.ndarray, thumbs: np.ndarray, near_bits: int = NEAR_BITS,
                 exact_level: float = EXACT_LEVEL,
                 similar: tuple[np.ndarray, np.ndarray] | None = None) -> list[Group]:
     """Groups of copies among images given by their perceptual and average hashes (uint64) and thumbnails
     ((N, 8, 8, 3) uint8), ordered by their first member; single images are not groups. ``similar``: pairs whose
     embeddings are close and their cosines (``cosine_pairs``), near copies when their perceptual hashes are within
-    ``EMBEDDING_PHASH_BITS``."""
+    ``EMBEDDING_PHASH_BITS``. Copies join into groups as connected components (``scipy.sparse.csgraph``)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(phashes)
+    if n == 0:
+        return []
     cosine = {(int(a), int(b)): float(c) for (a, b), c in zip(*similar, strict=True)} if similar else {}
-    pairs = np.unique(np.concatenate([candidate_pairs(phashes, near_bits),
-                                      candidate_pairs(ahashes, EXACT_SEARCH_BITS),
-                                      np.array(sorted(cosine), dtype=np.int64).reshape(-1, 2)]), axis=0)
-    parent = list(range(len(phashes)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    matched: list[tuple[int, int, int, str, float | None]] = []
-    for a, b in pairs.tolist():
-        bits = int(hamming(phashes[a:a + 1], phashes[b:b + 1])[0])
-        level = float(np.abs(thumbs[a].astype(np.int16) - thumbs[b].astype(np.int16)).mean())
-        kind = "exact" if level <= exact_level and bits <= EXACT_PHASH_BITS else "near"
-        if kind == "near" and bits > near_bits and not ((a, b) in cosine and bits <= EMBEDDING_PHASH_BITS):
-            continue
-        matched.append((a, b, bits, kind, cosine.get((a, b))))
-        parent[root(a)] = root(b)
-    by_root: dict[int, list[int]] = {}
-    for i in range(len(phashes)):
-        by_root.setdefault(root(i), []).append(i)
-    groups = {r: Group(sorted(m), "exact") for r, m in by_root.items() if len(m) > 1}
-    for a, b, bits, kind, cos in matched:
-        group = groups[root(a)]
-        group.pairs.append((a, b, bits, kind, cos))
-        if kind == "near":
+    keys = np.union1d(np.union1d(_pair_keys(phashes, near_bits, 1 << 22), _pair_keys(ahashes, EXACT_SEARCH_BITS,
+                                                                                         1 << 22)),
+                      np.array([a * n + b for a, b in cosine], dtype=np.int64))
+    pairs = np.stack([keys // n, keys % n], axis=1) if len(keys) else np.zeros((0, 2), np.int64)
+    codes, bits = _matches(pairs, phashes, thumbs, near_bits, exact_level, cosine)
+    kept = np.flatnonzero(codes > 0)
+    a, b = pairs[kept, 0], pairs[kept, 1]
+    _, component = connected_components(coo_matrix((np.ones(len(kept)), (a, b)), shape=(n, n)), directed=False)
+    sizes = np.bincount(component, minlength=1)
+    groups: dict[int, Group] = {}
+    for i in np.flatnonzero(sizes[component] > 1).tolist():
+        groups.setdefault(int(component[i]), Group([], "exact")).members.append(i)
+    for x, y, d, code in zip(a.tolist(), b.tolist(), bits[kept].tolist(), codes[kept].tolist(), strict=True):
+        group = groups[int(component[x])]
+        group.pairs.append((x, y, d, "exact" if code == 2 else "near", cosine.get((x, y))))
+        if code == 1:
             group.kind = "near"
     return sorted(groups.values(), key=lambda g: g.members[0])
 
