@@ -402,10 +402,11 @@ def bench_backbones(backbones: list[str], device: str, size: int, batch: int, st
     return [{"name": name, **bench_training(dev, size, batch, steps, precision, True, name)} for name in backbones]
 
 
-def _wikiart_like_hashes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _wikiart_like_hashes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Perceptual and average hashes and thumbnails shaped like a large collection: 90 % unrelated paintings,
     8 % near-blank sketches (average hashes of a few bits, perceptual hashes from 20 patterns: the crowded buckets
-    real collections have), 2 % copies (up to 6 bits off another image). Returns the planted copy count too."""
+    real collections have), 2 % copies (up to 6 bits off another image). Returns the planted (original, copy)
+    pairs too."""
     rng = np.random.default_rng(seed)
     phash, ahash = (rng.integers(0, np.iinfo(np.uint64).max, n, dtype=np.uint64, endpoint=True) for _ in range(2))
     sketches = rng.choice(n, int(0.08 * n), replace=False)
@@ -418,7 +419,7 @@ def _wikiart_like_hashes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
     ahash[copies] = ahash[originals] ^ _random_bits(rng, len(copies), 4)
     thumbs = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
     thumbs[copies] = thumbs[originals]
-    return phash, ahash, thumbs, len(copies)
+    return phash, ahash, thumbs, np.stack([originals, copies], axis=1)
 
 
 def _random_bits(rng: np.random.Generator, n: int, most: int) -> np.ndarray:
@@ -442,13 +443,16 @@ def bench_duplicates(n: int = 81_444, embedded: int = 8_000, dim: int = 3072, de
     groups = find_groups(phash, ahash, thumbs)
     hashing = time.perf_counter() - start
     found = sum(len(g.members) for g in groups)
+    group_of = {m: k for k, g in enumerate(groups) for m in g.members}
+    joined = sum(group_of.get(int(a), -1) == group_of.get(int(b), -2) for a, b in planted)
     z = torch.randn(embedded, dim, generator=torch.Generator().manual_seed(0)).numpy()
     start = time.perf_counter()
     cosine_pairs(z, 0.95, device=device)
     cosine = time.perf_counter() - start
-    return {"images": n, "planted_copies": planted, "groups": len(groups), "images_in_groups": found,
-            "group_seconds": hashing, "peak_mb": _peak_mb(cpu), "embedded": embedded, "dim": dim,
-            "cosine_seconds": cosine, "cosine_seconds_at_images": cosine * (n / embedded) ** 2, "device": device}
+    return {"images": n, "planted_copies": len(planted), "planted_found": joined, "groups": len(groups),
+            "images_in_groups": found, "group_seconds": hashing, "peak_mb": _peak_mb(cpu), "embedded": embedded,
+            "dim": dim, "cosine_seconds": cosine, "cosine_seconds_at_images": cosine * (n / embedded) ** 2,
+            "device": device}
 
 
 STREAM_SIZES = ((8, 8), (16, 4), (32, 2), (64, 2), (64, 16), (256, 2), (256, 16))

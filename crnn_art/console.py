@@ -148,7 +148,7 @@ def duplicates_bench_table(f: dict[str, Any]) -> Table:
             ("group by hashes (s)", f"{f['group_seconds']:.1f}"),
             ("peak resident memory (MB)", f"{f['peak_mb']:,.0f}"),
             ("groups / images in them", f"{f['groups']:,} / {f['images_in_groups']:,}"),
-            ("planted copies", f"{f['planted_copies']:,}"),
+            ("planted copies found", f"{f['planted_found']:,} of {f['planted_copies']:,}"),
             (f"--cosine on {f['embedded']:,} x {f['dim']:,} ({f['device']}, s)", f"{f['cosine_seconds']:.1f}"),
             (f"--cosine scaled to {f['images']:,} (s)", f"{f['cosine_seconds_at_images']:,.0f}")):
         table.add_row(what, value)

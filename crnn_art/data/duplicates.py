@@ -72,10 +72,12 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return sum(_POPCOUNT16[(x >> np.uint64(s)) & np.uint64(0xFFFF)].astype(np.int64) for s in (0, 16, 32, 48))
 
 
-def _close_in_bucket(members: np.ndarray, hashes: np.ndarray, near_bits: int, limit: int) -> np.ndarray:
-    """Pairs of one bucket's members within ``near_bits``, as keys ``i * n + j`` (``i < j``), compared in blocks of
-    rows so that at most about ``limit`` pairs are in memory at once (a bucket of 20,000 near-blank images would
-    otherwise hold 2e8)."""
+def _close_in_bucket(members: np.ndarray, hashes: np.ndarray, near_bits: int, limit: int,
+                     earlier: list[tuple[int, int]]) -> np.ndarray:
+    """Pairs of one bucket's members within ``near_bits``, as keys ``i * n + j`` (``i < j``), leaving out pairs that
+    also share one of the ``earlier`` chunks (found there already, so every pair comes once without a merge).
+    Compared in blocks of rows so that at most about ``limit`` pairs are in memory at once (a bucket of 20,000
+    near-blank images would otherwise hold 2e8)."""
     m, n = len(members), np.int64(len(hashes))
     if m * (m - 1) // 2 <= limit:
         i, j = np.triu_indices(m, k=1)
@@ -87,27 +89,30 @@ def _close_in_bucket(members: np.ndarray, hashes: np.ndarray, near_bits: int, li
                   for i in rows)
     found = []
     for a, b in blocks:
-        close = hamming(hashes[a], hashes[b]) <= near_bits
-        found.append(np.minimum(a, b)[close].astype(np.int64) * n + np.maximum(a, b)[close])
+        x = np.bitwise_xor(hashes[a], hashes[b])
+        keep = hamming(hashes[a], hashes[b]) <= near_bits
+        for lo, hi in earlier:
+            keep &= ((x >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)) != 0
+        found.append(np.minimum(a, b)[keep].astype(np.int64) * n + np.maximum(a, b)[keep])
     return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 
 def _pair_keys(hashes: np.ndarray, near_bits: int, limit: int) -> np.ndarray:
-    """Sorted unique keys ``i * n + j`` of the pairs within ``near_bits`` (see ``candidate_pairs``)."""
+    """Sorted keys ``i * n + j`` of the pairs within ``near_bits`` (see ``candidate_pairs``), each once: a pair is
+    taken in the first chunk its two hashes share."""
     n = len(hashes)
     bounds = np.linspace(0, 64, near_bits + 2).astype(int)
-    keys = np.zeros(0, dtype=np.int64)
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+    chunks = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+    found = []
+    for c, (lo, hi) in enumerate(chunks):
         part = (hashes >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
         order = np.argsort(part, kind="stable")
         values = part[order]
         starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
         ends = np.r_[starts[1:], n]
-        found = [_close_in_bucket(order[s:e], hashes, near_bits, limit) for s, e in zip(starts, ends, strict=True)
-                 if e - s > 1]
-        if found:  # merged chunk by chunk: a pair shared by several chunks is kept once, never piled up
-            keys = np.union1d(keys, np.concatenate(found))
-    return keys
+        found += [_close_in_bucket(order[s:e], hashes, near_bits, limit, chunks[:c])
+                  for s, e in zip(starts, ends, strict=True) if e - s > 1]
+    return np.sort(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
 
 
 def candidate_pairs(hashes: np.ndarray, near_bits: int, limit: int = 1 << 22) -> np.ndarray:
