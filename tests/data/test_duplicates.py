@@ -366,3 +366,13 @@ def test_the_review_page_writes_the_decisions_that_the_next_run_reads(folder_wit
     labels = task_labels(open_source(cfg.data).dataset, cfg.heads, cfg.data)
     assert labels.class_names["style"][labels.labels[conflict["rows"][0], 0]] == target
     assert labels.labels[other["rows"][1], 0] == -1
+
+
+def test_a_crowded_set_of_hashes_is_grouped_in_bounded_memory_and_every_planted_copy_found():
+    """`bench --duplicates` at a small size: near-blank images crowd one average-hash bucket (compared in blocks),
+    and every planted copy (up to 6 bits off) still joins its original."""
+    from crnn_art.bench import bench_duplicates
+
+    figures = bench_duplicates(n=4000, embedded=300, dim=32)
+    assert figures["planted_copies"] == 80 and figures["planted_found"] == 80
+    assert figures["groups"] >= 80 and figures["cosine_seconds_at_images"] > 0
