@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score
 
 METRIC_KEYS = ("loss", "top1", "top5", "macro_f1", "weighted_f1")
 
@@ -66,6 +65,8 @@ def head_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float 
     absent class's own F1 (undefined: no sample to find) is not averaged in. ``top5`` is None for heads
     of 5 or fewer classes.
     """
+    from sklearn.metrics import f1_score  # imported when first needed: a second of every start-up otherwise
+
     mask = labels >= 0
     if not bool(mask.any()):
         return None
