@@ -60,9 +60,9 @@ def wrong_rows_of(run: Path) -> set[int]:
 
 def main(runs: list[str]) -> None:
     table = {}
-    for run in map(Path, runs):
-        table[run.name] = compare(run / "outliers_train", wrong_rows_of(run))
-        print(run.name, json.dumps(table[run.name], indent=1))
+    for run in map(Path, runs):  # keyed by the whole path: runs of several seeds share their last folder name
+        table[str(run)] = compare(run / "outliers_train", wrong_rows_of(run))
+        print(run, json.dumps(table[str(run)], indent=1))
     names = [n for n in next(iter(table.values())) if "its set" not in n]
     print(f"\n{'scorer':40s} {'mean AP':>8s} {'mean p@k':>9s}")
     for name in names:
