@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from crnn_art.checkpoints import complete_checkpoints
-from tests.conftest import read_history, run_cli
+from tests.conftest import TEST_BACKBONE, read_history, run_cli
 from tests.standins.odd_images import painting
 
-SMALL = ["--set=data.image_size=32", "--set=data.num_workers=0", "--set=model.backbone_weights=null",
+SMALL = [f"--set=model.backbone={TEST_BACKBONE}",
+         "--set=data.image_size=32", "--set=data.num_workers=0", "--set=model.backbone_weights=null",
          "--set=augment.mixup_prob=0.0", "--set=augment.cutmix_prob=0.0", "--set=train.eval_batch_size=16",
          "--set=train.epochs=1", "--set=data.val_fraction=0.2", "--set=data.test_fraction=0.1"]
 

@@ -24,7 +24,7 @@ from crnn_art.data.streaming import balanced_class_weights, read_rows, streamed_
 from crnn_art.data.transforms import eval_transform
 from crnn_art.errors import DataError
 from crnn_art.training.loss import one_hot_targets, soft_target_loss
-from tests.conftest import read_history, read_json, run_cli, scratch
+from tests.conftest import TEST_BACKBONE, read_history, read_json, run_cli, scratch
 from tests.standins.layouts import hub_parquet_repo
 
 # uneven files, 16-row row groups: 15 shards of unequal size, as real Hub shards are
@@ -216,7 +216,8 @@ def test_streaming_a_local_non_parquet_source_is_a_one_line_error(demo_dir):
     assert "\n" not in str(info.value)
 
 
-STREAM = ["--set=data.streaming=true", "--set=data.shuffle_buffer=20", "--set=data.image_size=32",
+STREAM = [f"--set=model.backbone={TEST_BACKBONE}", "--set=data.streaming=true", "--set=data.shuffle_buffer=20",
+          "--set=data.image_size=32",
           "--set=data.num_workers=0", "--set=model.backbone_weights=null", "--set=augment.mixup_prob=0.0",
           "--set=augment.cutmix_prob=0.0", "--set=train.batch_size=8", "--set=train.eval_batch_size=16",
           "--set=train.log_every=1", "--set=data.log_rows=true"]

@@ -13,7 +13,17 @@ import torch
 from safetensors.torch import load_file
 
 from crnn_art.checkpoints import complete_checkpoints, verify_checkpoint
-from tests.conftest import CPU_2PROC, ROOT, _free_port, read_history, read_json, run_cli, scratch, tiny_overrides
+from tests.conftest import (
+    CPU_2PROC,
+    ROOT,
+    TEST_BACKBONE,
+    _free_port,
+    read_history,
+    read_json,
+    run_cli,
+    scratch,
+    tiny_overrides,
+)
 
 # mixing and dropout on: a resumed run must redraw exactly what the uninterrupted one drew
 RECIPE = {"augment__mixup_prob": 0.3, "augment__cutmix_prob": 0.3}
@@ -36,17 +46,23 @@ def uninterrupted(tmp_path_factory, demo_dir):
         runs = {}
         for accum in (1, 2):
             runs[accum] = folder / f"whole_accum{accum}"
-            run_cli(train_args(runs[accum], demo_dir, train__grad_accum_steps=accum))
+            run_cli(train_args(runs[accum], demo_dir, train__grad_accum_steps=accum, model__backbone=BACKBONE[accum]))
         yield runs
+
+
+BACKBONE = {1: "resnet50", 2: TEST_BACKBONE}
+"""The default ResNet-50 resumes bit-identically too (its BatchNorm statistics and channels-last trunk)."""
 
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_stopped_mid_epoch_then_resumed_is_bit_identical(uninterrupted, tmp_path, demo_dir, accum):
     run = tmp_path / "stopped"
-    run_cli(train_args(run, demo_dir, train__grad_accum_steps=accum, train__max_steps=21))
+    run_cli(train_args(run, demo_dir, train__grad_accum_steps=accum, train__max_steps=21,
+                       model__backbone=BACKBONE[accum]))
     steps = [int(p.name.split("_")[1]) for p in complete_checkpoints(run / "checkpoints")]
     assert 21 in steps and 21 % (read_history(run)[0]["step"]) != 0  # stopped mid-epoch 2
-    run_cli(train_args(run, demo_dir, train__grad_accum_steps=accum) + ["--resume", "latest"])
+    run_cli(train_args(run, demo_dir, train__grad_accum_steps=accum, model__backbone=BACKBONE[accum])
+            + ["--resume", "latest"])
     assert_same_weights(run, uninterrupted[accum])
     assert read_json(run / "metrics.json")["top1"] == read_json(uninterrupted[accum] / "metrics.json")["top1"]
     assert [h["epoch"] for h in read_history(run)] == [1, 2]

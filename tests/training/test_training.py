@@ -19,7 +19,7 @@ def demo_run(tmp_path_factory, demo_dir):
         run = folder / "demo"
         run_cli(["train", "--preset", "demo", "--output-dir", str(run),
                  *tiny_overrides(demo_dir, train__epochs=4, train__lr=3e-4, train__backbone_lr=3e-4,
-                                data__image_size=48, train__batch_size=16)])
+                                data__image_size=48, train__batch_size=16, model__backbone="resnet50")])
         yield run
 
 
@@ -79,7 +79,8 @@ def test_stem_stays_frozen_until_the_unfreeze_epoch(tmp_path, demo_dir):
     stem = ("trunk.0.weight", "trunk.1.weight", "trunk.1.bias", "trunk.1.running_mean", "trunk.1.running_var")
     frozen_run = tmp_path / "frozen"
     run_cli(["train", "--output-dir", str(frozen_run),
-             *tiny_overrides(demo_dir, train__epochs=1, train__unfreeze_epoch=2, train__max_steps=4)])
+             *tiny_overrides(demo_dir, train__epochs=1, train__unfreeze_epoch=2, train__max_steps=4,
+                             model__backbone="resnet50")])
     start = _initial_weights(frozen_run)
     after = load_file(frozen_run / "last" / "model.safetensors")
     for key in stem:
@@ -88,7 +89,7 @@ def test_stem_stays_frozen_until_the_unfreeze_epoch(tmp_path, demo_dir):
 
     thawed_run = tmp_path / "thawed"
     run_cli(["train", "--output-dir", str(thawed_run),
-             *tiny_overrides(demo_dir, train__epochs=2, train__unfreeze_epoch=2)])
+             *tiny_overrides(demo_dir, train__epochs=2, train__unfreeze_epoch=2, model__backbone="resnet50")])
     assert [h["stem_frozen"] for h in read_history(thawed_run)] == [True, False]
     after = load_file(thawed_run / "last" / "model.safetensors")
     assert not torch.equal(after["trunk.0.weight"], start["trunk.0.weight"])
