@@ -83,7 +83,7 @@ def test_embeddings_of_every_split_are_the_same_table_on_one_and_two_processes(t
     assert {name: len(ds) for name, ds in by_split.items()} == {s: len(splits[s]) for s in splits}
     one = load_dataset("parquet", data_files=str(tmp_path / "one" / "*.parquet"), split="train").sort("row")
     assert sorted(one["row"]) == sorted(np.concatenate([splits[s] for s in ("train", "validation", "test")]).tolist())
-    dim = json.loads((two_process_run / "best" / "config.json").read_text())["embedding_dim"]
+    dim = json.loads((two_process_run / "last" / "config.json").read_text())["embedding_dim"]
     assert len(set(one["row"])) == len(one) and len(one[0]["embedding"]) == dim
     assert set(one.column_names) == {"row", "split", "path", "decoded", "style_label", "style_predicted",
                                      "style_confidence", "embedding"}

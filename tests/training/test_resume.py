@@ -50,8 +50,9 @@ def uninterrupted(tmp_path_factory, demo_dir):
         yield runs
 
 
-BACKBONE = {1: "resnet50", 2: TEST_BACKBONE}
-"""The default ResNet-50 resumes bit-identically too (its BatchNorm statistics and channels-last trunk)."""
+BACKBONE = {1: TEST_BACKBONE, 2: "resnet50"}
+"""The default ResNet-50 resumes bit-identically too (its BatchNorm statistics and channels-last trunk), here with
+gradient accumulation; the other tests compare with the run of accumulation 1."""
 
 
 @pytest.mark.parametrize("accum", [1, 2])
