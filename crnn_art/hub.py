@@ -154,11 +154,18 @@ def model_card(run_dir: str | Path, model_dir: str | Path, repo_id: str | None =
                                                                      training, repo_id, picture))
 
 
-def _review_line(cfg) -> str:
-    """What a label review changed in the training data (``data.label_overrides``), for the card."""
+def _review_line(cfg, run_dir: Path) -> str:
+    """What a label review changed in the training data (``data.label_overrides``), for the card; nothing when the
+    file is gone or is no longer the one the run was trained with."""
     if not cfg.data.label_overrides or not Path(cfg.data.label_overrides).is_file():
         return ""
-    from crnn_art.data.sources import read_decisions
+    from crnn_art.data.sources import check_overrides_unchanged, read_decisions
+    from crnn_art.errors import DataError
+
+    try:
+        check_overrides_unchanged(run_dir, cfg.data)
+    except DataError:
+        return ""
 
     decisions = read_decisions(cfg.data.label_overrides)
     changed = len({(d["row"], d["head"]) for d in decisions if d["decision"].strip() == "relabel"})
@@ -214,7 +221,7 @@ def _card_text(cfg, config: dict, run_dir: Path, model_dir: Path, metrics: dict,
     backbone = cfg.model.backbone_weights or "random initialisation"
     trunk = {"resnet50": "ResNet-50"}.get(config.get("backbone", "resnet50"), config.get("backbone", "resnet50"))
     mean, std = (", ".join(str(v) for v in config.get(key, [])) for key in ("mean", "std"))
-    review = _review_line(cfg)
+    review = _review_line(cfg, run_dir)
     return f"""# crnn-art: {', '.join(heads)} classifier of paintings
 
 A convolutional-recurrent classifier ({trunk} backbone, row and column bidirectional GRUs with

@@ -18,6 +18,7 @@ from crnn_art.data.sources import (
     check_overrides_unchanged,
     make_splits,
     open_source,
+    read_splits,
     split_keys,
     task_labels,
     write_splits,
@@ -86,6 +87,8 @@ def build_train_data(cfg: RunConfig, accelerator, out: Path, write_run_files: bo
     labels = task_labels(opened.dataset, cfg.heads, cfg.data)
     splits = make_splits(len(opened.dataset), cfg.data, labels.known_rows(), opened.splits,
                          split_keys(opened.dataset, cfg.data))
+    if not write_run_files and (out / "split.json").is_file():
+        _same_splits_as_saved(splits, out)
     if accelerator.is_main_process and write_run_files:
         atomic_write_text(out / "config.yaml", config_text(cfg), "the run's config")
         write_splits(splits, out / "split.json", cfg.data)
@@ -99,6 +102,17 @@ def build_train_data(cfg: RunConfig, accelerator, out: Path, write_run_files: bo
     total_steps = sum(batches.steps(e) for e in range(1, t.epochs + 1))
     device_augment = DeviceAugment(cfg.augment, *normalization) if on_device else None
     return TrainData(labels, splits, val_set, batches, device_augment, weights, local_batch, total_steps, notes)
+
+
+def _same_splits_as_saved(splits: dict[str, np.ndarray], out: Path) -> None:
+    """A resume trains on the rows the run was started with: splits computed again from changed data (a
+    ``data.duplicates`` or source written again) raise ``DataError`` (one line) instead of moving rows between
+    train and test mid-run."""
+    saved = read_splits(out / "split.json")
+    moved = [name for name in saved if not np.array_equal(np.sort(saved[name]), np.sort(splits[name]))]
+    if moved:
+        raise DataError(f"the data now gives other {', '.join(moved)} rows than {out / 'split.json'} records (was "
+                        "data.duplicates or the source written again?); restore it, or start a new run")
 
 
 def _train_batches(cfg: RunConfig, accelerator, opened, splits, labels: TaskLabels, augment, workers: int,

@@ -134,15 +134,20 @@ class Group:
     compared)."""
 
 
-def cosine_pairs(z: np.ndarray, threshold: float, block: int = 1024,
-                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+MAX_COSINE_PAIRS = 5_000_000
+"""More pairs than this at a ``--cosine`` threshold means the embeddings do not tell copies apart there."""
+
+
+def cosine_pairs(z: np.ndarray, threshold: float, block: int = 1024, device: str = "cpu",
+                 max_pairs: int = MAX_COSINE_PAIRS) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs ``(i, j)``, ``i < j``, of the rows of ``z`` ((N, D) embeddings) whose cosine is at least
     ``threshold``, and those cosines ((K, 2) int64, (K,) float32). Exact: each block of ``block`` rows is
     multiplied with the rows from it on (N^2 D / 2 multiply-adds in all, a block x N matrix in memory).
 
     The embeddings are centred (their mean subtracted) first: a CNN's pooled features are non-negative and share
     one large direction, so raw cosines of unrelated paintings sit near 0.97 and say little; centred, unrelated
-    paintings fall near 0 and only copies stay near 1."""
+    paintings fall near 0 and only copies stay near 1. More than ``max_pairs`` pairs raise ``DataError`` (one
+    line: raise the threshold) before they fill the memory."""
     import torch
     import torch.nn.functional as F
 
@@ -155,17 +160,20 @@ def cosine_pairs(z: np.ndarray, threshold: float, block: int = 1024,
         above = j > i  # the block's own diagonal and below it are not pairs
         found.append(torch.stack([i[above] + lo, j[above] + lo], dim=1).cpu())
         values.append(sims[i[above], j[above]].float().cpu())
+        if sum(len(f) for f in found) > max_pairs:
+            raise DataError(f"--cosine {threshold} joins more than {max_pairs:,} pairs: at this threshold the "
+                            "embeddings do not tell copies apart; raise it (docs/duplicates.md: 0.95 to 0.999)")
     if not found:
         return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.float32)
     return torch.cat(found).numpy().astype(np.int64), torch.cat(values).numpy()
 
 
 def _matches(pairs: np.ndarray, phashes: np.ndarray, thumbs: np.ndarray, near_bits: int, exact_level: float,
-             cosine: dict[tuple[int, int], float], chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+             proposed: np.ndarray, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
     """Which candidate ``pairs`` are copies, checked a chunk at a time: ``(K,)`` codes 0 (not a copy), 1 (near),
-    2 (exact), and the pairs' perceptual-hash bits."""
+    2 (exact), and the pairs' perceptual-hash bits. ``proposed``: sorted keys ``i * n + j`` of the pairs whose
+    embeddings are close."""
     codes, bits = np.zeros(len(pairs), dtype=np.int8), np.zeros(len(pairs), dtype=np.int64)
-    proposed = np.array(sorted(a * len(phashes) + b for a, b in cosine), dtype=np.int64)
     for lo in range(0, len(pairs), chunk):
         a, b = pairs[lo:lo + chunk, 0], pairs[lo:lo + chunk, 1]
         d = hamming(phashes[a], phashes[b])
@@ -193,22 +201,30 @@ def find_groups(phashes: np.ndarray, ahashes: np.ndarray, thumbs: np.ndarray, ne
     n = len(phashes)
     if n == 0:
         return []
-    cosine = {(int(a), int(b)): float(c) for (a, b), c in zip(*similar, strict=True)} if similar else {}
-    keys = np.union1d(np.union1d(_pair_keys(phashes, near_bits, 1 << 22), _pair_keys(ahashes, EXACT_SEARCH_BITS,
-                                                                                         1 << 22)),
-                      np.array([a * n + b for a, b in cosine], dtype=np.int64))
+    proposed, cosines = np.zeros(0, dtype=np.int64), np.zeros(0)  # sorted keys i * n + j and their cosines
+    if similar is not None and len(similar[0]):
+        close = np.asarray(similar[0], dtype=np.int64).reshape(-1, 2)
+        order = np.argsort(close[:, 0] * n + close[:, 1])
+        proposed, cosines = (close[:, 0] * n + close[:, 1])[order], np.asarray(similar[1], dtype=np.float64)[order]
+    keys = np.union1d(np.union1d(_pair_keys(phashes, near_bits, 1 << 22),
+                                 _pair_keys(ahashes, EXACT_SEARCH_BITS, 1 << 22)), proposed)
     pairs = np.stack([keys // n, keys % n], axis=1) if len(keys) else np.zeros((0, 2), np.int64)
-    codes, bits = _matches(pairs, phashes, thumbs, near_bits, exact_level, cosine)
+    codes, bits = _matches(pairs, phashes, thumbs, near_bits, exact_level, proposed)
     kept = np.flatnonzero(codes > 0)
     a, b = pairs[kept, 0], pairs[kept, 1]
+    at = np.minimum(np.searchsorted(proposed, keys[kept]), max(len(proposed) - 1, 0))
+    cosine_of = [float(c) if ok else None for ok, c in zip(
+        (proposed[at] == keys[kept]).tolist() if len(proposed) else [False] * len(kept),
+        cosines[at].tolist() if len(proposed) else [0.0] * len(kept), strict=True)]
     _, component = connected_components(coo_matrix((np.ones(len(kept)), (a, b)), shape=(n, n)), directed=False)
     sizes = np.bincount(component, minlength=1)
     groups: dict[int, Group] = {}
     for i in np.flatnonzero(sizes[component] > 1).tolist():
         groups.setdefault(int(component[i]), Group([], "exact")).members.append(i)
-    for x, y, d, code in zip(a.tolist(), b.tolist(), bits[kept].tolist(), codes[kept].tolist(), strict=True):
+    for x, y, d, code, cos in zip(a.tolist(), b.tolist(), bits[kept].tolist(), codes[kept].tolist(), cosine_of,
+                                  strict=True):
         group = groups[int(component[x])]
-        group.pairs.append((x, y, d, "exact" if code == 2 else "near", cosine.get((x, y))))
+        group.pairs.append((x, y, d, "exact" if code == 2 else "near", cos))
         if code == 1:
             group.kind = "near"
     return sorted(groups.values(), key=lambda g: g.members[0])
@@ -236,10 +252,14 @@ def describe(group: Group, rows: np.ndarray, splits: list[str], labels: dict[str
 
 
 def copies_file(duplicates: str | None, run_dir: Path) -> Path | None:
-    """Where a run's groups of copies are: ``data.duplicates`` when set, else the run's own
-    ``duplicates/duplicates.json`` (``crnn-art duplicates --checkpoint RUN``); None when neither exists."""
-    path = Path(duplicates) if duplicates else Path(run_dir) / "duplicates" / "duplicates.json"
-    return path if path.is_file() else None
+    """Where a run's groups of copies are: the run's own ``duplicates/duplicates.json`` (``crnn-art duplicates
+    --checkpoint RUN``, which may have looked further, e.g. with ``--cosine``) when it exists, else
+    ``data.duplicates``; None when neither exists."""
+    own = Path(run_dir) / "duplicates" / "duplicates.json"
+    for path in (own, Path(duplicates) if duplicates else None):
+        if path is not None and path.is_file():
+            return path
+    return None
 
 
 def read_groups(path: Path, num_rows: int) -> list[list[int]]:
@@ -264,6 +284,5 @@ def rows_with_a_copy_in(rows: np.ndarray, others: np.ndarray, groups: list[list[
     wanted, found = set(np.asarray(rows).tolist()), set()
     other = set(np.asarray(others).tolist())
     for members in groups:
-        if other.intersection(members):
-            found.update(r for r in members if r in wanted and (other - {r}).intersection(members))
+        found.update(r for r in members if r in wanted and any(m != r and m in other for m in members))
     return np.array(sorted(found), dtype=np.int64)

@@ -455,7 +455,8 @@ def check_overrides_unchanged(run_dir: str | Path, cfg: DataConfig) -> None:
     """Raise ``DataError`` (one line) when the run's ``data.label_overrides`` file is not the one it was trained
     with: its labels would no longer be the ones the model learnt from and is measured against. Runs from before
     the hash was recorded are not checked."""
-    recorded = json.loads((Path(run_dir) / "split.json").read_text()).get("label_overrides_sha256")
+    split = Path(run_dir) / "split.json"
+    recorded = json.loads(split.read_text()).get("label_overrides_sha256") if split.is_file() else None
     if cfg.label_overrides and recorded and file_sha256(cfg.label_overrides) != recorded:
         raise DataError(f"data.label_overrides {cfg.label_overrides!r} changed since {run_dir} was trained with it, so "
                         "its labels are not the run's; put the original back, or train a new run with the edited file")

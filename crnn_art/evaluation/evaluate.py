@@ -102,21 +102,30 @@ def open_run_split(checkpoint: str, split: str) -> RunSplit:
     return RunSplit(cfg, run_dir, folder, accelerator, model, dataset, rows, found.note, labels)
 
 
-def copies_in_train(run: RunSplit, split: str, pred: Predictions) -> dict[str, Any] | None:
-    """How many of the split's rows have a copy in the run's train split, and the metrics without them.
-
-    With ``data.split_by=row`` a painting filed twice can land in train and in test, and the test figure then
-    rewards memory. The groups of copies come from ``data.duplicates`` or the run's own
-    ``duplicates/duplicates.json`` (``crnn-art duplicates --checkpoint RUN``); None when neither exists or
-    ``split`` is train. Raises ``DataError`` when that file is damaged or was written for another source.
-    """
+def copied_rows(run: RunSplit, split: str) -> tuple[Path, np.ndarray] | None:
+    """The duplicates file and the rows of ``split`` that have a copy in the run's train split; None when the run
+    has no duplicates file or ``split`` is train. Read before any prediction: a damaged file or one written for
+    another source raises ``DataError`` (one line) before the work, not after it."""
     from crnn_art.data.sources import read_splits
 
     path = copies_file(run.cfg.data.duplicates, run.run_dir)
     if path is None or split == "train":
         return None
     train = read_splits(run.run_dir / "split.json")["train"]
-    copied = rows_with_a_copy_in(run.rows, train, read_groups(path, len(run.labels.labels)))
+    return path, rows_with_a_copy_in(run.rows, train, read_groups(path, len(run.labels.labels)))
+
+
+def copies_in_train(run: RunSplit, found: tuple[Path, np.ndarray] | None, pred: Predictions) -> dict[str, Any] | None:
+    """How many of the split's rows have a copy in the run's train split (``found``: from ``copied_rows``), and
+    the metrics without them.
+
+    With ``data.split_by=row`` a painting filed twice can land in train and in test, and the test figure then
+    rewards memory. The groups of copies come from the run's own ``duplicates/duplicates.json``
+    (``crnn-art duplicates --checkpoint RUN``) or ``data.duplicates``.
+    """
+    if found is None:
+        return None
+    path, copied = found
     keep = ~torch.isin(pred["rows"], torch.from_numpy(copied))
     without = Predictions(logits={h: v[keep] for h, v in pred["logits"].items()}, labels=pred["labels"][keep],
                           rows=pred["rows"][keep])
@@ -133,6 +142,8 @@ def _copies_line(copies: dict[str, Any] | None, split: str, run_dir: Path) -> st
     rest = copies["metrics_without_them"]
     if copies["rows"] and rest is not None and rest.get("top1") is not None:
         line += f"; without them: top-1 {rest['top1']:.2f}, macro-F1 {rest['macro_f1']:.2f}"
+    elif copies["rows"]:
+        line += "; no labelled row is left without them to measure"
     return line
 
 
@@ -152,6 +163,7 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | 
     run = open_run_split(checkpoint, split)
     cfg, run_dir, folder, accelerator, model, dataset = (run.cfg, run.run_dir, run.folder, run.accelerator,
                                                          run.model, run.dataset)
+    found = copied_rows(run, split)
     console = make_console(accelerator.is_main_process)
     console.print(f"evaluating {folder} on the {split} split" + (f" (note: {run.note})" if run.note else ""))
     workers = fit_to_cores(cfg.data.num_workers).workers
@@ -163,7 +175,7 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", output_dir: str | 
     metrics = compute_metrics(pred, cfg.heads)
     metrics["split"] = split
     metrics["model"] = {"folder": _name_in_run(folder, run_dir), "sha256": weights_sha256(folder)}
-    copies = copies_in_train(run, split, pred)
+    copies = copies_in_train(run, found, pred)
     if copies is not None:
         metrics["copies_in_train"] = copies
     if accelerator.is_main_process:

@@ -217,8 +217,8 @@ so such paintings rank first (scores otherwise run from about -2 to 6)."""
 
 def duplicate_conflicts(cfg, run_dir: Path, labels) -> dict[str, set[int]]:
     """Per head, the rows whose copy (``crnn-art duplicates``) carries another label *now* (``labels``: the run's
-    task labels, review overrides applied, so a conflict a review resolved no longer counts): groups from
-    ``data.duplicates`` or the run's own ``duplicates/duplicates.json``; empty when neither exists."""
+    task labels, review overrides applied, so a conflict a review resolved no longer counts): groups from the
+    run's own ``duplicates/duplicates.json`` or ``data.duplicates``; empty when neither exists."""
     path = copies_file(cfg.data.duplicates, run_dir)
     if path is None:
         return {}
@@ -321,6 +321,7 @@ def find_outliers(checkpoint: str, split: str = "train", top: int = 50, mode: st
         raise ConfigError("--select threshold needs --threshold SCORE (scores run from about -2 to 6)")
     run = open_run_split(checkpoint, split)
     cfg, run_dir, accelerator, dataset, rows = run.cfg, run.run_dir, run.accelerator, run.dataset, run.rows
+    conflicts = duplicate_conflicts(cfg, run_dir, run.labels)  # before the work: a damaged file is one line now
     console = make_console(accelerator.is_main_process)
     console.print(f"scoring the {split} split with {run.folder}" + (f" (note: {run.note})" if run.note else ""))
     model = run.model.to(accelerator.device)
@@ -346,7 +347,7 @@ def find_outliers(checkpoint: str, split: str = "train", top: int = 50, mode: st
         scored += score_head(head, z, logits[head][known], y, rows_known, centroids, agreement)
     scored = gather_object(scored)
     apply_rules(scored, confident=0.7)
-    flag_duplicate_conflicts(scored, duplicate_conflicts(cfg, run_dir, run.labels))
+    flag_duplicate_conflicts(scored, conflicts)
 
     result: dict[str, Any] = {"split": split, "heads": {}}
     wrong = _known_wrong_rows(cfg, known_wrong)

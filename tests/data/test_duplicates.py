@@ -103,6 +103,10 @@ def test_cosine_pairs_are_exactly_the_pairs_at_or_above_the_threshold_in_any_blo
             found = dict(zip(map(tuple, pairs.tolist()), cosines.tolist(), strict=True))
             assert found.keys() == truth.keys()
             assert all(abs(found[k] - truth[k]) < 1e-5 for k in truth)
+    from crnn_art.errors import DataError
+
+    with pytest.raises(DataError, match="--cosine 0.1 joins more than 100 pairs: .* raise it"):
+        cosine_pairs(z, 0.1, max_pairs=100)  # a threshold that joins half of all pairs stops at once
 
 
 def test_embedding_pairs_join_the_crops_a_perceptual_hash_misses_when_the_hash_confirms_loosely():
@@ -252,6 +256,14 @@ def test_evaluate_counts_test_copies_in_train_and_outliers_rank_conflicting_copi
     verb = "has" if len(leaked) == 1 else "have"
     card = " ".join((run / "best" / "README.md").read_text().split())
     assert f"{len(leaked)} of these {len(split['test'])} test paintings {verb} a copy in the training split" in card
+    # a damaged duplicates file is one line before any work, and the evaluation already written stays
+    saved = (run / "duplicates" / "duplicates.json").read_text()
+    (run / "duplicates" / "duplicates.json").write_text("{not json")
+    damaged = run_cli(["evaluate", "--checkpoint", str(run), "--split", "test"], check=False)
+    assert damaged.returncode == 2 and len(damaged.stderr.strip().splitlines()) == 1, damaged.stderr
+    assert "is not a duplicates.json" in damaged.stderr and "evaluating" not in damaged.stdout
+    assert json.loads((run / "eval_test_best" / "metrics.json").read_text()) == metrics
+    (run / "duplicates" / "duplicates.json").write_text(saved)
     run_cli(["outliers", "--checkpoint", str(run), "--split", "train", "--top", "40"])
     ranked = json.loads((run / "outliers_train" / "outliers.json").read_text())["outliers"]
     flagged = [r["row"] for r in ranked if "duplicate_conflict" in r["flagged_by"]]

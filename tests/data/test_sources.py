@@ -209,14 +209,19 @@ def test_label_overrides_relabel_and_drop_by_row_and_refuse_what_does_not_fit(tm
 
 def test_a_run_trained_with_label_overrides_says_so_and_refuses_an_edited_file(tmp_path, demo_dir):
     """The card counts what the review changed; a decisions file edited after training would silently give
-    evaluate, outliers and a resume other labels than the run's, so each refuses it in one line (nothing lost)."""
+    evaluate, outliers and a resume other labels than the run's, so each refuses it in one line (nothing lost); a
+    resume whose data now gives other splits (a copies file written again) refuses too."""
     from tests.conftest import run_cli, tiny_overrides
 
     decisions = tmp_path / "decisions.csv"
-    decisions.write_text("row,path,head,decision,new_label\n3,,style,drop,\n7,,style,drop,\n")
+    original = "row,path,head,decision,new_label\n3,,style,drop,\n7,,style,drop,\n"
+    decisions.write_text(original)
+    copies = tmp_path / "duplicates.json"
+    copies.write_text(json.dumps({"groups": [{"rows": [10, 11]}]}))
     run = tmp_path / "run"
     args = ["train", "--output-dir", str(run), *tiny_overrides(demo_dir, train__max_steps=2),
-            f"--set=data.label_overrides={decisions}"]
+            f"--set=data.label_overrides={decisions}", "--set=data.split_by=duplicate_group",
+            f"--set=data.duplicates={copies}"]
     run_cli(args)
     assert "0 labels relabelled and 2 labels dropped by review" in " ".join(
         (run / "last" / "README.md").read_text().split())
@@ -227,4 +232,10 @@ def test_a_run_trained_with_label_overrides_says_so_and_refuses_an_edited_file(t
         result = run_cli(command, check=False)
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "changed since" in result.stderr and "put the original back" in result.stderr
+    # the labels restored, but the copies file written again so that rows move between splits: a resume refuses
+    decisions.write_text(original)
+    copies.write_text(json.dumps({"groups": [{"rows": list(range(0, 200, 2))}]}))
+    moved = run_cli([*args, "--set=train.max_steps=4", "--resume", "latest"], check=False)
+    assert moved.returncode == 2 and len(moved.stderr.strip().splitlines()) == 1, moved.stderr
+    assert "rows than" in moved.stderr and "split.json" in moved.stderr
     assert (run / "last" / "model.safetensors").is_file() and len(read_history(run)) == 1
