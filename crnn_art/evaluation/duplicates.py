@@ -104,13 +104,9 @@ def open_for_duplicates(checkpoint: str | None, source: str | None, overrides: l
 @torch.no_grad()
 def _embed_share(checkpoint: str, run: Path, cfg, opened, labels, rows: list[int], acc, progress):
     """This process's ``rows``, embedded (L2-normalised) by the run's model: ``(embeddings float16, rows)``."""
-    import functools
-
-    from torch.utils.data import DataLoader
-
     from crnn_art.checkpoints import load_model_folder, resolve_model_folder
     from crnn_art.data.build import split_dataset
-    from crnn_art.data.loaders import collate, worker_options
+    from crnn_art.data.loaders import eval_loader
     from crnn_art.data.transforms import eval_resize, eval_transform
     from crnn_art.evaluation.outliers import embed_shard
     from crnn_art.runtime import fit_to_cores
@@ -119,9 +115,7 @@ def _embed_share(checkpoint: str, run: Path, cfg, opened, labels, rows: list[int
     dataset = split_dataset(opened, np.array(rows, dtype=np.int64), labels.labels,
                             eval_transform(model.image_size, model.mean, model.std), eval_resize(model.image_size),
                             run, "duplicates")
-    loader = DataLoader(dataset, batch_size=cfg.train.eval_batch_size,
-                        collate_fn=functools.partial(collate, keep_skipped=True),
-                        **worker_options(fit_to_cores(cfg.data.num_workers).workers))
+    loader = eval_loader(dataset, cfg.train.eval_batch_size, fit_to_cores(cfg.data.num_workers).workers)
     z, _, _, ids = embed_shard(model, loader, acc.device, acc.autocast, tuple(model.class_names), progress)
     return z.half().cpu().numpy(), ids.cpu().numpy()
 

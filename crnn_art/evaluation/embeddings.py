@@ -15,7 +15,6 @@ channels + 4 x gru_hidden in general).
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -69,17 +68,15 @@ def embed_splits(checkpoint: str, split: str = "all", output_dir: str | None = N
 def _embed_shard(run, split: str, batch_size: int, progress) -> Any:
     """This process's rows of the split: embeddings, predictions and labels, as a ``datasets.Dataset``."""
     from datasets import Dataset
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import Subset
 
-    from crnn_art.data.loaders import collate, worker_options
+    from crnn_art.data.loaders import eval_loader
     from crnn_art.evaluation.outliers import embed_shard
     from crnn_art.runtime import fit_to_cores
 
     acc, model, dataset = run.accelerator, run.model.to(run.accelerator.device).eval(), run.dataset
     positions = list(range(acc.process_index, len(dataset), acc.num_processes))
-    loader = DataLoader(Subset(dataset, positions), batch_size=batch_size,
-                        collate_fn=functools.partial(collate, keep_skipped=True),
-                        **worker_options(fit_to_cores(run.cfg.data.num_workers).workers))
+    loader = eval_loader(Subset(dataset, positions), batch_size, fit_to_cores(run.cfg.data.num_workers).workers)
     heads = tuple(model.class_names)
     failed: list[int] = []
     z, logits, labels, rows = embed_shard(model, loader, acc.device, acc.autocast, heads, progress, normalize=False,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import functools
 import html
 import io
 import json
@@ -307,10 +306,10 @@ def find_outliers(checkpoint: str, split: str = "train", top: int = 50, mode: st
                   known_wrong: str | None = None, batch_size: int | None = None) -> dict[str, Any]:
     """The ``crnn-art outliers`` command: score a split, write outliers.csv/.html, measure if labels are known."""
     from accelerate.utils import gather_object
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import Subset
 
     from crnn_art.console import make_console, make_progress, outliers_table, quality_table
-    from crnn_art.data.loaders import collate, worker_options
+    from crnn_art.data.loaders import eval_loader
     from crnn_art.errors import ConfigError
     from crnn_art.evaluation.evaluate import open_run_split
     from crnn_art.runtime import fit_to_cores
@@ -327,9 +326,7 @@ def find_outliers(checkpoint: str, split: str = "train", top: int = 50, mode: st
     model = run.model.to(accelerator.device)
     # Each process embeds its own positions (no padding, so no sample is counted twice).
     shard = Subset(dataset, list(range(accelerator.process_index, len(dataset), accelerator.num_processes)))
-    workers = fit_to_cores(cfg.data.num_workers).workers
-    loader = DataLoader(shard, batch_size=batch_size or cfg.train.eval_batch_size,
-                        collate_fn=functools.partial(collate, keep_skipped=True), **worker_options(workers))
+    loader = eval_loader(shard, batch_size or cfg.train.eval_batch_size, fit_to_cores(cfg.data.num_workers).workers)
     with make_progress(console, accelerator.is_main_process) as progress:
         z_local, logits, label_mat, row_ids = embed_shard(model, loader, accelerator.device, accelerator.autocast,
                                                           cfg.heads, progress)
