@@ -66,10 +66,14 @@ def image_key(image) -> tuple[int, int, np.ndarray]:
 _POPCOUNT16 = np.array([bin(i).count("1") for i in range(1 << 16)], dtype=np.uint8)
 
 
+def popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of uint64 values, element-wise."""
+    return sum(_POPCOUNT16[(x >> np.uint64(s)) & np.uint64(0xFFFF)].astype(np.int64) for s in (0, 16, 32, 48))
+
+
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Bits that differ between uint64 hashes, element-wise."""
-    x = np.bitwise_xor(a, b)
-    return sum(_POPCOUNT16[(x >> np.uint64(s)) & np.uint64(0xFFFF)].astype(np.int64) for s in (0, 16, 32, 48))
+    return popcount(np.bitwise_xor(a, b))
 
 
 def _close_in_bucket(members: np.ndarray, hashes: np.ndarray, near_bits: int, limit: int,
@@ -90,7 +94,7 @@ def _close_in_bucket(members: np.ndarray, hashes: np.ndarray, near_bits: int, li
     found = []
     for a, b in blocks:
         x = np.bitwise_xor(hashes[a], hashes[b])
-        keep = hamming(hashes[a], hashes[b]) <= near_bits
+        keep = popcount(x) <= near_bits
         for lo, hi in earlier:
             keep &= ((x >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)) != 0
         found.append(np.minimum(a, b)[keep].astype(np.int64) * n + np.maximum(a, b)[keep])
@@ -212,10 +216,10 @@ def find_groups(phashes: np.ndarray, ahashes: np.ndarray, thumbs: np.ndarray, ne
     codes, bits = _matches(pairs, phashes, thumbs, near_bits, exact_level, proposed)
     kept = np.flatnonzero(codes > 0)
     a, b = pairs[kept, 0], pairs[kept, 1]
-    at = np.minimum(np.searchsorted(proposed, keys[kept]), max(len(proposed) - 1, 0))
-    cosine_of = [float(c) if ok else None for ok, c in zip(
-        (proposed[at] == keys[kept]).tolist() if len(proposed) else [False] * len(kept),
-        cosines[at].tolist() if len(proposed) else [0.0] * len(kept), strict=True)]
+    at = np.searchsorted(proposed, keys[kept])
+    hit = at < len(proposed)
+    hit[hit] = proposed[at[hit]] == keys[kept][hit]
+    cosine_of = [float(cosines[k]) if h else None for k, h in zip(at.tolist(), hit.tolist(), strict=True)]
     _, component = connected_components(coo_matrix((np.ones(len(kept)), (a, b)), shape=(n, n)), directed=False)
     sizes = np.bincount(component, minlength=1)
     groups: dict[int, Group] = {}
