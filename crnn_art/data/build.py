@@ -80,14 +80,15 @@ def build_train_data(cfg: RunConfig, accelerator, out: Path, write_run_files: bo
     process's training batches. ``normalization``: the backbone's input mean and std. Raises ``DataError`` for data
     the run cannot use."""
     t, size = cfg.train, cfg.data.image_size
-    if not write_run_files and (out / "split.json").is_file():  # a resume reads the labels it was trained on
+    resuming = not write_run_files and (out / "split.json").is_file()
+    if resuming:  # a resume reads the labels it was trained on
         check_overrides_unchanged(out, cfg.data)
     with accelerator.local_main_process_first():  # one process per machine generates/downloads first
         opened = open_source(cfg.data)
     labels = task_labels(opened.dataset, cfg.heads, cfg.data)
     splits = make_splits(len(opened.dataset), cfg.data, labels.known_rows(), opened.splits,
                          split_keys(opened.dataset, cfg.data))
-    if not write_run_files and (out / "split.json").is_file():
+    if resuming:
         _same_splits_as_saved(splits, out)
     if accelerator.is_main_process and write_run_files:
         atomic_write_text(out / "config.yaml", config_text(cfg), "the run's config")
